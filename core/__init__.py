@@ -1,0 +1,1 @@
+"""Ensemble Explorer core: datasets, models, embeddings, exact retrieval metrics, sweeps, fusion, runs."""
