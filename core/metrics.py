@@ -1,0 +1,164 @@
+"""Exact retrieval metrics: mAP@k under each convention, mAP@R and P@1, per query and per class.
+
+Conventions (DESIGN.md "Evaluation, exactly"): every row is a query, the gallery is every other
+row, cosine similarity, ties ranked by (-similarity, index). For a query with R relevant items:
+  map@k       sum_{i<=k} P@i rel_i / min(k, R)     headline; retrieving less cannot raise it
+  map@k_hits  sum_{i<=k} P@i rel_i / hits in top k  the reference study authors' later convention
+  map@r       the same with k = R, divided by R     metric-learning literature
+  p@1         rel_1
+A query with R = 0 has no right answer: it is excluded and counted in `n_excluded`, never scored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.fusion import l2_normalize
+from core.search import SearchBackend, top_k
+
+METRIC_KEYS = ("map@k", "map@k_hits", "map@r", "p@1")
+
+
+class MetricsError(ValueError):
+    """Inputs that cannot be scored; the message says what is wrong with them."""
+
+
+@dataclass(frozen=True)
+class QueryScores:
+    """Per-query metrics; arrays hold NaN for excluded queries (no relevant item in the gallery)."""
+
+    k: int
+    ap_at_k: np.ndarray
+    ap_at_k_hits: np.ndarray
+    ap_at_r: np.ndarray
+    p_at_1: np.ndarray
+    n_relevant: np.ndarray
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.n_relevant > 0
+
+    def summary(self) -> dict:
+        valid = self.valid
+        n = int(valid.sum())
+
+        def mean(values: np.ndarray) -> float:
+            return float(values[valid].mean()) if n else float("nan")
+
+        return {"map@k": mean(self.ap_at_k), "map@k_hits": mean(self.ap_at_k_hits),
+                "map@r": mean(self.ap_at_r), "p@1": mean(self.p_at_1),
+                "k": self.k, "n_queries": n, "n_excluded": int((~valid).sum())}
+
+
+def relevant_counts(labels: np.ndarray) -> np.ndarray:
+    """R per query: rows sharing its label, itself excluded."""
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    return counts[inverse] - 1
+
+
+def depth_needed(n_relevant: np.ndarray, k: int, n_gallery: int) -> int:
+    """How deep a ranking must go to score map@k and map@r exactly."""
+    return int(min(max(k, int(n_relevant.max(initial=0))), n_gallery))
+
+
+def scores_from_relevance(relevance: np.ndarray, n_relevant: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """The per-query metrics from ranked relevance (..., depth) booleans, best first.
+
+    Leading axes are batch axes (the sweep scores many weight vectors at once). `depth` must reach
+    max(k, R) for every query (or the whole gallery); NaN marks queries with R = 0.
+    """
+    rel = relevance.astype(np.float64)
+    depth = rel.shape[-1]
+    ranks = np.arange(1, depth + 1, dtype=np.float64)
+    precision_hits = np.cumsum(rel, axis=-1) / ranks * rel  # P@i * rel_i
+    kk = min(k, depth)
+    sum_k = precision_hits[..., :kk].sum(axis=-1)
+    hits_k = rel[..., :kk].sum(axis=-1)
+    r = np.broadcast_to(n_relevant, sum_k.shape).astype(np.float64)
+    within_r = ranks <= r[..., None]
+    sum_r = (precision_hits * within_r).sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = {
+            "ap_at_k": sum_k / np.minimum(k, r),
+            "ap_at_k_hits": np.where(hits_k > 0, sum_k / np.maximum(hits_k, 1), 0.0),
+            "ap_at_r": sum_r / r,
+            "p_at_1": rel[..., 0],
+        }
+    excluded = r == 0
+    for values in out.values():
+        values[excluded] = np.nan
+    return out
+
+
+def _check(embeddings: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    embeddings = np.asarray(embeddings)
+    labels = np.asarray(labels)
+    if embeddings.ndim != 2:
+        raise MetricsError(f"embeddings must be a 2-D array (images x dims), got shape {embeddings.shape}")
+    if labels.ndim != 1 or len(labels) != len(embeddings):
+        raise MetricsError(f"{len(embeddings)} embedding rows but {labels.shape[0] if labels.ndim else 0} labels: "
+                           "they must describe the same images in the same order")
+    if len(embeddings) < 2:
+        raise MetricsError("retrieval needs at least 2 images (one query and one gallery item)")
+    if not np.isfinite(embeddings).all():
+        raise MetricsError("embeddings contain NaN or infinite values; re-extract them")
+    if int(k) < 1:
+        raise MetricsError(f"k must be at least 1, got {k}")
+    return embeddings, labels
+
+
+def per_query_scores(embeddings: np.ndarray, labels: np.ndarray, k: int = 50, *,
+                     backend: SearchBackend | None = None) -> QueryScores:
+    """Per-query AP@k (both conventions), AP@R and P@1 of one embedding set."""
+    embeddings, labels = _check(embeddings, labels, k)
+    n_relevant = relevant_counts(labels)
+    depth = depth_needed(n_relevant, k, len(labels) - 1)
+    _, ids = top_k(l2_normalize(embeddings), l2_normalize(embeddings), depth, exclude_self=True, backend=backend)
+    return _query_scores(ids, labels, n_relevant, k)
+
+
+def _query_scores(ranked_ids: np.ndarray, labels: np.ndarray, n_relevant: np.ndarray, k: int) -> QueryScores:
+    relevance = labels[ranked_ids] == labels[:, None]
+    s = scores_from_relevance(relevance, n_relevant, k)
+    return QueryScores(k=int(k), n_relevant=n_relevant, **s)
+
+
+def evaluate(embeddings: np.ndarray, labels: np.ndarray, k: int = 50, *,
+             backend: SearchBackend | None = None) -> dict:
+    """map@k, map@k_hits, map@r, p@1, n_queries, n_excluded (and k) of one embedding set."""
+    return per_query_scores(embeddings, labels, k, backend=backend).summary()
+
+
+def metrics_from_ranking(ranked_ids: np.ndarray, labels: np.ndarray, k: int = 50) -> dict:
+    """The same metrics for a method that ranks instead of embeds (rank fusion, re-ranking).
+
+    `ranked_ids`: n x depth gallery rows, best first, the query itself already left out; depth must
+    reach max(k, R) for every query (or cover the whole gallery).
+    """
+    return query_scores_from_ranking(ranked_ids, labels, k).summary()
+
+
+def query_scores_from_ranking(ranked_ids: np.ndarray, labels: np.ndarray, k: int = 50) -> QueryScores:
+    labels = np.asarray(labels)
+    ranked_ids = np.asarray(ranked_ids)
+    if ranked_ids.ndim != 2 or len(ranked_ids) != len(labels):
+        raise MetricsError(f"ranking has shape {ranked_ids.shape} but there are {len(labels)} queries")
+    n_relevant = relevant_counts(labels)
+    need = depth_needed(n_relevant, k, len(labels) - 1)
+    if ranked_ids.shape[1] < need:
+        raise MetricsError(f"rankings are {ranked_ids.shape[1]} deep but exact map@k/map@r need {need}")
+    if (ranked_ids == np.arange(len(labels))[:, None]).any():
+        raise MetricsError("a query retrieves itself: leave each query out of its own ranking")
+    return _query_scores(ranked_ids, labels, n_relevant, k)
+
+
+def per_class_ap(scores: QueryScores, labels: np.ndarray, metric: str = "ap_at_k") -> dict:
+    """Mean per-query AP of each class (excluded queries left out; NaN for a class with none)."""
+    values = getattr(scores, metric)
+    labels = np.asarray(labels)
+    out = {}
+    for label in np.unique(labels):
+        mask = (labels == label) & scores.valid
+        out[label.item()] = float(values[mask].mean()) if mask.any() else float("nan")
+    return out
