@@ -1,0 +1,235 @@
+"""The background worker process (`python -m core worker`): claims queued jobs and runs them.
+
+One loop per process: register in the `workers` table, re-queue jobs whose worker died, then claim,
+run, record, repeat. A background thread heartbeats the worker and its current job. Start as many
+processes (on as many hosts, against one PostgreSQL URL) as there are devices to keep busy.
+
+SIGTERM/SIGINT: stop claiming; the current job gets `--grace` seconds to finish, after which it is
+handed back to the queue (another worker starts it over) and the process exits with status 0.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+
+from core import jobs
+from core.db import Job, init_db, make_engine
+from core.progress import JobCancelled, Reporter
+from core.workspace import Workspace
+
+log = logging.getLogger("core.worker")
+
+
+class Executor(Protocol):
+    """Where a claimed job's work actually runs. Returns the id of the run holding its results."""
+
+    def run(self, job: Job, reporter: Reporter) -> int | None: ...
+
+
+class LocalExecutor:
+    """Runs the job's handler (core.tasks) in this process, on this host's device.
+
+    A second executor would hand the job to an existing distributed engine rather than run it here,
+    and the worker around it would not change: claiming, heartbeats, cancel and the DB rows stay
+    with the worker, placement and restarts of the pieces with the engine. For example a
+    `RayExecutor` would connect with `ray.init(address=...)` and `ray.get` a remote task (or a Ray
+    Data pipeline over the image shards) while polling `reporter.check_cancel()` and calling
+    `ray.cancel` on JobCancelled; a `TorchrunExecutor` would launch
+    `torchrun --nproc-per-node=N -m <module> ...` as a subprocess, wait on it while checking cancel,
+    and terminate it on JobCancelled. Never a home-made scheduler that splits work across hosts.
+    """
+
+    def __init__(self, workspace: Workspace, engine: Engine):
+        self.workspace, self.engine = workspace, engine
+
+    def run(self, job: Job, reporter: Reporter) -> int | None:
+        from core.tasks import handler_for
+
+        handler = handler_for(job.kind)
+        with jobs.running(job.id):
+            return handler(dict(job.params), reporter, self.workspace, self.engine)
+
+
+@dataclass
+class WorkerSettings:
+    poll_interval_s: float = 1.0
+    heartbeat_interval_s: float = 5.0
+    stale_after_s: float = 60.0
+    max_attempts: int = 3
+    grace_s: float = 30.0
+    progress_interval_s: float = 0.5
+    kinds: list[str] | None = None
+    once: bool = False
+
+
+def describe_error(error: BaseException) -> str:
+    """First line for the dashboard, then the traceback for whoever debugs it."""
+    short = f"{type(error).__name__}: {error}".strip()
+    details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return f"{short}\n\n{details}"
+
+
+class Worker:
+    def __init__(self, engine: Engine, executor: Executor, settings: WorkerSettings | None = None,
+                 worker_id: str | None = None):
+        self.engine, self.executor = engine, executor
+        self.settings = settings or WorkerSettings()
+        self.id = worker_id or jobs.new_worker_id()
+        self._stopping = threading.Event()
+        self._deadline: float | None = None
+        self._current: int | None = None
+        self._done = threading.Event()
+
+    def stop(self) -> None:
+        """Stop claiming; the current job has `grace_s` seconds to finish (safe from a signal handler)."""
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.settings.grace_s
+        self._stopping.set()
+
+    def run(self) -> int:
+        s = self.settings
+        jobs.register_worker(self.engine, self.id, s.kinds)
+        log.info("worker %s started (kinds: %s)", self.id, ", ".join(s.kinds) if s.kinds else "all")
+        self._requeue_stale()
+        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        beat.start()
+        last_sweep = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    job = jobs.claim(self.engine, self.id, s.kinds)
+                except OperationalError as error:  # the database went away for a while: retry
+                    log.warning("could not claim a job: %s", error)
+                    self._stopping.wait(s.poll_interval_s)
+                    continue
+                if job is None:
+                    if s.once:
+                        break
+                    if time.monotonic() - last_sweep >= s.stale_after_s:
+                        self._requeue_stale()
+                        last_sweep = time.monotonic()
+                    self._stopping.wait(s.poll_interval_s)
+                    continue
+                self._run_one(job)
+        finally:
+            self._done.set()
+            beat.join(timeout=5)
+            jobs.unregister_worker(self.engine, self.id)
+            log.info("worker %s stopped", self.id)
+        return 0
+
+    def _requeue_stale(self) -> None:
+        for job in jobs.requeue_stale(self.engine, self.settings.stale_after_s, self.settings.max_attempts):
+            log.warning("job %s (%s) had a silent worker: now %s", job.id, job.kind, job.status)
+
+    def _run_one(self, job: Job) -> None:
+        log.info("job %s (%s) claimed, attempt %s", job.id, job.kind, job.attempts)
+        self._current = job.id
+        reporter = jobs.reporter_for(self.engine, job, self.id, min_interval_s=self.settings.progress_interval_s)
+        try:
+            run_id = self.executor.run(job, reporter)
+        except jobs.JobLost as lost:
+            log.warning("job %s abandoned: %s", job.id, lost)
+        except JobCancelled:
+            jobs.mark_cancelled(self.engine, job.id, self.id)
+            log.info("job %s cancelled", job.id)
+        except Exception as error:  # a failing job must not take the worker down
+            jobs.fail(self.engine, job.id, describe_error(error), self.id)
+            log.error("job %s failed: %s: %s", job.id, type(error).__name__, error)
+        else:
+            if jobs.finish(self.engine, job.id, run_id, self.id):
+                log.info("job %s done (run %s)", job.id, run_id)
+            else:
+                log.warning("job %s finished after it was handed to another worker; result dropped", job.id)
+        finally:
+            self._current = None
+
+    def _heartbeat_loop(self) -> None:
+        s = self.settings
+        while not self._done.is_set():
+            wait = s.heartbeat_interval_s
+            if self._deadline is not None and self._current is not None:
+                wait = max(0.01, min(wait, self._deadline - time.monotonic()))
+            if self._done.wait(wait):
+                return
+            job_id = self._current
+            try:
+                if job_id is not None and self._deadline is not None and time.monotonic() >= self._deadline:
+                    self._give_back(job_id)
+                    return
+                if job_id is not None and not jobs.heartbeat(self.engine, job_id, self.id) and self._current == job_id:
+                    log.warning("job %s was taken from this worker (heartbeat too late?)", job_id)
+                jobs.worker_heartbeat(self.engine, self.id, job_id)
+            except OperationalError as error:
+                log.warning("heartbeat failed: %s", error)
+
+    def _give_back(self, job_id: int) -> None:
+        """Grace period over: the job goes back to the queue now; the handler learns it at its next
+        check (JobLost). A handler that never checks is not waited for."""
+        reason = f"worker {self.id} was stopped before the job finished"
+        if jobs.requeue(self.engine, job_id, reason, self.id):
+            log.warning("job %s re-queued: not finished within the %g s grace period", job_id, self.settings.grace_s)
+        if not self._done.wait(max(2.0, self.settings.heartbeat_interval_s)):
+            log.warning("the handler of job %s did not stop; exiting without it", job_id)
+            jobs.unregister_worker(self.engine, self.id)
+            logging.shutdown()
+            os._exit(0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m core worker", description=__doc__.splitlines()[0])
+    p.add_argument("--workspace", help="workspace folder (default: $ENSEMBLE_WORKSPACE or ./workspace)")
+    p.add_argument("--db-url", help="SQLAlchemy URL (default: $ENSEMBLE_DB_URL or the workspace's SQLite file)")
+    p.add_argument("--once", action="store_true", help="run until the queue is empty, then exit")
+    p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between looks at an empty queue")
+    p.add_argument("--kinds", help="comma-separated job kinds this worker takes (default: all)")
+    p.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between heartbeats")
+    p.add_argument("--stale-after", type=float, default=60.0,
+                   help="a running job without a heartbeat for this long is re-queued")
+    p.add_argument("--max-attempts", type=int, default=3, help="a job whose worker died this often is failed")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="on SIGTERM, seconds the current job may take to finish before it is re-queued")
+    p.add_argument("--progress-interval", type=float, default=0.5, help="least seconds between progress writes")
+    p.add_argument("--worker-id", help="name in the workers table (default: host:pid:random)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
+    workspace = Workspace.open(args.workspace)
+    engine = make_engine(args.db_url or workspace.db_url)
+    init_db(engine)
+    settings = WorkerSettings(
+        poll_interval_s=args.poll_interval,
+        heartbeat_interval_s=args.heartbeat_interval,
+        stale_after_s=args.stale_after,
+        max_attempts=args.max_attempts,
+        grace_s=args.grace,
+        progress_interval_s=args.progress_interval,
+        kinds=[k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None,
+        once=args.once,
+    )
+    worker = Worker(engine, LocalExecutor(workspace, engine), settings, args.worker_id)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: worker.stop())
+    try:
+        return worker.run()
+    finally:
+        engine.dispose()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
