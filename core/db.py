@@ -23,6 +23,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
     func,
@@ -72,11 +73,12 @@ class EmbeddingSetRow(Base):
     """Where one model's embeddings of one dataset are cached (the arrays live in `path`)."""
 
     __tablename__ = "embedding_sets"
+    __table_args__ = (UniqueConstraint("dataset_id", "cache_key", name="uq_embedding_sets_dataset_key"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
     model_name: Mapped[str] = mapped_column(String(200))
-    cache_key: Mapped[str] = mapped_column(String(256), unique=True)
+    cache_key: Mapped[str] = mapped_column(String(256))  # the model's cache key (weights + transform)
     path: Mapped[str] = mapped_column(Text)
     n: Mapped[int] = mapped_column(Integer)
     dim: Mapped[int] = mapped_column(Integer)
@@ -293,8 +295,10 @@ def record_embedding_set(
     dim: int,
     dtype: str,
 ) -> EmbeddingSetRow:
-    """The cached embeddings under `cache_key`, created or refreshed (re-extraction overwrites)."""
-    row = session.scalar(select(EmbeddingSetRow).where(EmbeddingSetRow.cache_key == cache_key))
+    """This dataset's embeddings by the model with `cache_key`, created or refreshed."""
+    row = session.scalar(
+        select(EmbeddingSetRow).where(EmbeddingSetRow.dataset_id == dataset_id, EmbeddingSetRow.cache_key == cache_key)
+    )
     if row is None:
         row = EmbeddingSetRow(cache_key=cache_key)
         session.add(row)

@@ -82,6 +82,10 @@ def test_dataset_and_embedding_set_are_updated_by_their_keys(engine):
         es2 = db.record_embedding_set(s, dataset_id=first.id, model_name="m", cache_key="k1", path="/b.npy",
                                       n=12, dim=8, dtype="float16")
         assert es2.id == es.id
+        other = db.record_dataset(s, name="other", source="x", fingerprint="fp2", n_images=1, n_classes=1)
+        same_model = db.record_embedding_set(s, dataset_id=other.id, model_name="m", cache_key="k1", path="/c.npy",
+                                             n=1, dim=8, dtype="float32")
+        assert same_model.id != es.id
         db.record_model(s, name="m", source="timm", dim=8)
         db.record_model(s, name="m")
     with db.read_session(engine) as s:
@@ -90,7 +94,7 @@ def test_dataset_and_embedding_set_are_updated_by_their_keys(engine):
         [row] = db.embedding_sets_for_dataset(s, "fp1")
         assert (row.path, row.dtype) == ("/b.npy", "float16")
         assert s.scalar(select(db.Model).where(db.Model.name == "m")).dim == 8
-        assert [d.fingerprint for d in db.list_datasets(s)] == ["fp1"]
+        assert {d.fingerprint for d in db.list_datasets(s)} == {"fp1", "fp2"}
 
 
 def test_a_run_keeps_its_config_results_and_timing(engine):
