@@ -66,12 +66,12 @@ def _record_dataset(session, imageset, source: str):
 
     return db.record_dataset(
         session,
-        name=str(getattr(imageset, "name", source)),
+        name=imageset.name,
         source=source,
         fingerprint=imageset.fingerprint,
-        n_images=len(imageset.labels),
-        n_classes=int(getattr(imageset, "n_classes", len(set(map(int, imageset.labels))))),
-        n_skipped=int(getattr(imageset, "n_skipped", 0) or 0),
+        n_images=len(imageset),
+        n_classes=len(imageset.class_names),
+        n_skipped=len(imageset.skipped),
     )
 
 
@@ -84,9 +84,7 @@ def _embedding_sets(imageset, models: list[str], workspace: Workspace, device: s
     sets = extract_embeddings(
         imageset, models, EmbeddingCache(workspace.embeddings), device=device, reporter=reporter
     )
-    if isinstance(sets, dict):
-        return [sets[m] for m in models]
-    return list(sets)
+    return [sets[m] for m in models]
 
 
 def _eval_rows(imageset):
@@ -120,13 +118,11 @@ def extract(params: dict[str, Any], reporter: Reporter, workspace: Workspace, en
         )
     sets = _embedding_sets(imageset, list(params["models"]), workspace, params.get("device"), reporter)
     with db.begin_immediate(engine) as session:
-        for model, es in zip(params["models"], sets):
-            shape = getattr(es, "shape", None) or (getattr(es, "n", None), getattr(es, "dim", None))
-            db.record_model(session, name=model, source=str(getattr(es, "source", "") or ""), dim=shape[1])
+        for es in sets:
+            db.record_model(session, name=es.model_name, dim=es.dim)
             db.record_embedding_set(
-                session, dataset_id=dataset.id, model_name=model,
-                cache_key=str(getattr(es, "cache_key", None) or getattr(es, "key")),
-                path=str(es.path), n=int(shape[0]), dim=int(shape[1]), dtype=str(getattr(es, "dtype", "float32")),
+                session, dataset_id=dataset.id, model_name=es.model_name, cache_key=es.cache_key,
+                path=str(es.path), n=es.n, dim=es.dim, dtype=es.dtype,
             )
         db.finish_run(session, run.id, [])
     return run.id

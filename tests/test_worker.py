@@ -216,3 +216,53 @@ def test_sigterm_requeues_a_job_that_cannot_finish_within_the_grace_period(env):
     assert "was stopped before the job finished" in got.message
     assert not out.exists() and not list(tmp.glob("long.bin.*.tmp"))
     clean_log(tmp / "w.log")
+
+
+def test_extract_then_evaluate_and_sweep_through_a_worker(env):
+    """The real kinds, end to end, on a tiny ImageFolder with timm's random offline test models."""
+    import numpy as np
+    from PIL import Image
+
+    engine, url, tmp = env
+    images = tmp / "images"
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (images / f"class{c}").mkdir(parents=True)
+        for i in range(4):  # each class has its own base colour, so retrieval is better than chance
+            pixels = np.clip(rng.normal(60 + 70 * c, 25, (32, 32, 3)), 0, 255).astype("uint8")
+            Image.fromarray(pixels).save(images / f"class{c}" / f"{i}.png")
+    models = ["random:test_efficientnet", "random:test_vit"]
+    common = {"dataset": str(images), "models": models, "device": "cpu"}
+    extract = jobs.submit(engine, "extract", {**common, "limit_per_class": None})
+    evaluate = jobs.submit(engine, "evaluate", {**common, "k": 5})
+    sweep = jobs.submit(engine, "sweep", {**common, "k": 5, "weights": [0, 1, 2]})
+    worker = start_worker(url, tmp / "ws", "--once", log=tmp / "w.log")
+    assert worker.wait(180) == 0, (tmp / "w.log").read_text()[-3000:]
+
+    done = {j.id: j for j in jobs.list_jobs(engine)}
+    assert {done[i].status for i in (extract.id, evaluate.id, sweep.id)} == {"done"}, (tmp / "w.log").read_text()
+    with db.read_session(engine) as s:
+        extract_run = db.get_run(s, done[extract.id].run_id)
+        assert extract_run.kind == "extract" and extract_run.status == "done" and extract_run.job_id == extract.id
+        dataset = extract_run.dataset
+        assert (dataset.n_images, dataset.n_classes, dataset.n_skipped) == (12, 3, 0)
+        sets = db.embedding_sets_for_dataset(s, dataset.fingerprint)
+        assert sorted(e.model_name for e in sets) == sorted(models)
+        assert all(Path(e.path).exists() and e.n == 12 for e in sets)
+
+        scores = db.get_run(s, done[evaluate.id].run_id)
+        assert [r.method for r in scores.results] == models
+        for r in scores.results:
+            assert r.metrics["n_queries"] == 12 and r.metrics["k"] == 5 and not r.is_oracle
+            assert 0.0 <= r.metrics["map@k"] <= 1.0
+
+        swept = db.get_run(s, done[sweep.id].run_id).results
+        assert len(swept) == 3 * 3 - 1 and all(r.is_oracle for r in swept)
+        assert swept[0].metrics["map@k"] == max(r.metrics["map@k"] for r in swept)
+        labels = {tuple(r.weights): r.method for r in swept}
+        assert labels[(2.0, 1.0)] == "test_efficientnet(2)+test_vit(1)"
+        alone = {tuple(r.weights): r.metrics for r in swept}[(1.0, 0.0)]
+        assert alone["map@k"] == pytest.approx(scores.results[0].metrics["map@k"], abs=1e-6)
+        assert {r.dataset_id for r in (scores, extract_run)} == {dataset.id}
+        assert len(db.results_for_dataset(s, dataset.fingerprint)) == 2 + 8
+    clean_log(tmp / "w.log")
