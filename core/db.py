@@ -28,6 +28,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
 
@@ -230,6 +231,8 @@ def init_db(engine: Engine) -> None:
     # Several workers may start at once: one immediate transaction keeps their checks and CREATEs
     # from interleaving.
     with bind.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(7207)"))  # any fixed key of ours
         Base.metadata.create_all(connection)
 
 

@@ -91,9 +91,19 @@ def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-@pytest.fixture()
-def env(tmp_path):
-    url = f"sqlite:///{tmp_path / 'runs.db'}"
+POSTGRES_URL = os.environ.get("ENSEMBLE_TEST_POSTGRES_URL")  # e.g. postgresql+psycopg://u@/db?host=/tmp
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def env(request, tmp_path):
+    """A SQLite file, or the (emptied) PostgreSQL database $ENSEMBLE_TEST_POSTGRES_URL if given."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'runs.db'}"
+    elif POSTGRES_URL:
+        url = POSTGRES_URL
+        db.Base.metadata.drop_all(db.make_engine(url))
+    else:
+        pytest.skip("set ENSEMBLE_TEST_POSTGRES_URL to run the worker tests on PostgreSQL as well")
     engine = db.make_engine(url)
     db.init_db(engine)
     yield engine, url, tmp_path
@@ -266,3 +276,14 @@ def test_extract_then_evaluate_and_sweep_through_a_worker(env):
         assert {r.dataset_id for r in (scores, extract_run)} == {dataset.id}
         assert len(db.results_for_dataset(s, dataset.fingerprint)) == 2 + 8
     clean_log(tmp / "w.log")
+
+
+def test_workers_starting_together_on_a_new_database_create_it_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    workers = [start_worker(url, tmp_path, "--once", log=tmp_path / f"w{n}.log") for n in range(3)]
+    assert [w.wait(60) for w in workers] == [0, 0, 0]
+    for n in range(3):
+        assert "Traceback" not in clean_log(tmp_path / f"w{n}.log")
+    engine = db.make_engine(url)
+    assert jobs.list_jobs(engine) == [] and not jobs.worker_alive(engine)
+    engine.dispose()
