@@ -20,16 +20,18 @@ import torch
 from core.fusion import l2_normalize
 from core.metrics import METRIC_KEYS, MetricsError, depth_needed, relevant_counts, scores_from_relevance
 from core.progress import SILENT, Reporter
-from core.search import SearchBackend, top_k
 
 # Safety margin on the pruning bound: candidate lists and rescoring are separate float32
 # computations, so a similarity can differ between them in the last bits.
 BOUND_SLACK = 1e-5
-# Beyond the depth needed for exact metrics, candidates kept per model and query; more means
-# fewer uncertified queries, fewer means less work per weight vector.
+# Candidates kept per model and query beyond the depth needed for exact metrics: depth + this,
+# on top of depth itself (measured: with only +32, ~9% of queries needed the slow exact fallback on
+# 4 correlated models; with 2 x depth + 32 none did). Fewer means less work per weight vector.
 DEFAULT_EXTRA = 32
 # Elements (queries x candidates x weight vectors) scored in one block, bounding memory.
 BLOCK_ELEMENTS = 24_000_000
+# Bound on the similarity blocks held while building candidates.
+CHUNK_BYTES = 512 * 2**20
 
 
 def ratio_class(weights: Sequence[float]) -> tuple[float, ...]:
@@ -52,8 +54,7 @@ class WeightedConcatScorer:
     """
 
     def __init__(self, embeddings: Sequence[np.ndarray], labels: np.ndarray, k: int = 50, *,
-                 extra: int = DEFAULT_EXTRA, device: str | None = None,
-                 backend: SearchBackend | None = None):
+                 extra: int | None = None, device: str | None = None):
         if len(embeddings) == 0:
             raise MetricsError("choose at least one model")
         labels = np.asarray(labels)
@@ -68,53 +69,67 @@ class WeightedConcatScorer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.k = int(k)
         self.n = n = len(labels)
-        self.labels = labels
         self.n_relevant = relevant_counts(labels)
         self.depth = depth_needed(self.n_relevant, self.k, n - 1)
-        per_model = min(self.depth + extra, n - 1)
-
+        extra = self.depth + DEFAULT_EXTRA if extra is None else extra
         self.models = []
-        lists, taus = [], []
         for e in embeddings:
             x = l2_normalize(e)
             if not np.isfinite(x).all():
                 raise MetricsError("embeddings contain NaN or infinite values; re-extract them")
             self.models.append(torch.as_tensor(x, device=self.device))
-            scores, ids = top_k(x, x, per_model, exclude_self=True, backend=backend)
-            lists.append(ids)
-            # An item missing from a list that covers the whole gallery does not exist: bound -2 < any cosine.
-            taus.append(scores[:, -1] + BOUND_SLACK if per_model < n - 1 else np.full(n, -2.0, np.float32))
-        self.tau = torch.as_tensor(np.stack(taus, axis=1), device=self.device)  # n x M
-
-        # Union of the lists, ascending gallery index so a stable sort breaks ties by index;
-        # padding uses index n (sorts last, scores -inf).
-        cand = np.sort(np.concatenate(lists, axis=1), axis=1)
-        dup = np.zeros_like(cand, dtype=bool)
-        dup[:, 1:] = cand[:, 1:] == cand[:, :-1]
-        cand[dup] = n
-        cand = np.sort(cand, axis=1)
-        width = int((cand < n).sum(axis=1).max())
-        self.candidates = torch.as_tensor(cand[:, :width], device=self.device)
-        self.valid = self.candidates < n
-        self.similarities = self._candidate_similarities()  # n x C x M, 0 at padding (masked later)
         codes = np.unique(labels, return_inverse=True)[1].reshape(-1)
-        padded_labels = torch.as_tensor(np.append(codes, -1), device=self.device)
-        own = padded_labels[:n]
-        self.relevant = padded_labels[self.candidates] == own[:, None]
-        self._label_codes = own
+        self._label_codes = torch.as_tensor(codes, device=self.device)
+        self._build_candidates(min(self.depth + extra, n - 1))
+        padded = torch.cat([self._label_codes, torch.tensor([-1], device=self.device)])
+        self.relevant = padded[self.candidates] == self._label_codes[:, None]
         self.n_uncertified = 0
 
-    def _candidate_similarities(self) -> torch.Tensor:
-        n, width = self.candidates.shape
-        out = torch.empty((n, width, len(self.models)), dtype=torch.float32, device=self.device)
-        idx = self.candidates.clamp(max=n - 1)
-        rows = max(1, BLOCK_ELEMENTS // max(1, width * max(x.shape[1] for x in self.models)))
-        for m, x in enumerate(self.models):
-            for s in range(0, n, rows):
-                block = idx[s:s + rows]
-                out[s:s + rows, :, m] = torch.einsum("bd,bcd->bc", x[s:s + rows], x[block])
-        out[~self.valid] = 0.0
-        return out
+    def _build_candidates(self, per_model: int) -> None:
+        """Per query: the union of each model's top-`per_model` list, and every model's similarity to it.
+
+        Works on query chunks of each model's full similarity block, so candidates and their
+        similarities come from one matmul per model (this is why it does not call search.top_k,
+        which returns lists without the blocks to read the other models' similarities from).
+        """
+        n, m_count = self.n, len(self.models)
+        full = per_model >= n - 1  # every list holds the whole gallery: nothing lies outside
+        width = m_count * per_model
+        cand = torch.full((n, width), n, dtype=torch.int64, device=self.device)
+        sims = torch.zeros((n, width, m_count), dtype=torch.float32, device=self.device)
+        # -2 is below any cosine: the bound of a list that leaves nothing outside.
+        tau = torch.full((n, m_count), -2.0, dtype=torch.float32, device=self.device)
+        rows = max(1, CHUNK_BYTES // (4 * n * m_count))
+        for s in range(0, n, rows):
+            e = min(n, s + rows)
+            own = torch.arange(s, e, device=self.device)
+            blocks = []
+            for x in self.models:
+                block = x[s:e] @ x.T
+                block[own - s, own] = -torch.inf
+                blocks.append(block)
+            lists = []
+            for m, block in enumerate(blocks):
+                values, ids = torch.topk(block, per_model, dim=1)
+                lists.append(ids)
+                if not full:
+                    tau[s:e, m] = values[:, -1] + BOUND_SLACK
+            # Ascending gallery index, so a stable sort later breaks score ties by index;
+            # duplicates become the padding index n, which sorts last.
+            union = torch.sort(torch.cat(lists, dim=1), dim=1).values
+            dup = torch.zeros_like(union, dtype=torch.bool)
+            dup[:, 1:] = union[:, 1:] == union[:, :-1]
+            union[dup] = n
+            union = torch.sort(union, dim=1).values
+            cand[s:e] = union
+            safe = union.clamp(max=n - 1)
+            for m, block in enumerate(blocks):
+                sims[s:e, :, m] = torch.gather(block, 1, safe)
+        used = int((cand < n).sum(dim=1).max())
+        self.candidates = cand[:, :used]
+        self.valid = self.candidates < n
+        self.similarities = sims[:, :used] * self.valid[..., None]  # n x C x M, 0 at padding (masked later)
+        self.tau = tau
 
     def score(self, weights: np.ndarray, reporter: Reporter = SILENT) -> list[dict]:
         """Metrics (METRIC_KEYS + n_queries, n_excluded) of each row of `weights` (W x M)."""
@@ -138,24 +153,41 @@ class WeightedConcatScorer:
         return results
 
     def _ranked_relevance(self, a: torch.Tensor) -> np.ndarray:
+        """Relevance of each query's fused top-`depth`, ordered by (-score, index), for B weight vectors."""
         fused = torch.einsum("ncm,bm->bnc", self.similarities, a)
         fused[:, ~self.valid] = -torch.inf
-        order = torch.sort(fused, dim=2, descending=True, stable=True).indices[:, :, :self.depth]
-        kth = torch.gather(fused, 2, order[:, :, -1:]).squeeze(2)  # B x n
-        bound = a @ self.tau.T  # B x n
-        rel = torch.gather(self.relevant.expand(len(a), -1, -1), 2, order)
-        uncertified = torch.nonzero(~(kth > bound))
-        self.n_uncertified += len(uncertified)
-        for b, q in uncertified.tolist():
-            rel[b, q] = self._exact_relevance(a[b], q)
+        width = fused.shape[2]
+        take = min(self.depth + 1, width)
+        top = torch.topk(fused, take, dim=2).indices
+        # topk's order among equal scores is unspecified: re-sort the chosen positions by position
+        # (= gallery index), then stably by score.
+        top = torch.sort(top, dim=2).values
+        order = torch.sort(torch.gather(fused, 2, top), dim=2, descending=True, stable=True).indices
+        top = torch.gather(top, 2, order)
+        scores = torch.gather(fused, 2, top)
+        kth = scores[:, :, self.depth - 1]
+        certified = kth > a @ self.tau.T  # beats everything outside the candidates
+        if take > self.depth:  # a tie across the cut may have dropped a lower-index candidate
+            certified &= kth > scores[:, :, self.depth]
+        rel = torch.gather(self.relevant.expand(len(a), -1, -1), 2, top[:, :, :self.depth])
+        b_idx, q_idx = torch.nonzero(~certified, as_tuple=True)
+        self.n_uncertified += len(q_idx)
+        if len(q_idx):
+            rel[b_idx, q_idx] = self._exact_relevance(a[b_idx], q_idx)
         return rel.cpu().numpy()
 
-    def _exact_relevance(self, a: torch.Tensor, q: int) -> torch.Tensor:
-        """Full-gallery ranking of one query under one weight vector: the fallback that keeps it exact."""
-        fused = sum(a[m] * (x @ x[q]) for m, x in enumerate(self.models))
-        fused[q] = -torch.inf
-        order = torch.sort(fused, descending=True, stable=True).indices[:self.depth]
-        return self._label_codes[order] == self._label_codes[q]
+    def _exact_relevance(self, a: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Full-gallery rankings for (weights, query) pairs the bound could not certify: the fallback
+        that keeps every number exact. P x depth relevance."""
+        out = torch.empty((len(queries), self.depth), dtype=torch.bool, device=self.device)
+        rows = max(1, CHUNK_BYTES // (4 * self.n * (len(self.models) + 1)))
+        for s in range(0, len(queries), rows):
+            q = queries[s:s + rows]
+            fused = sum(a[s:s + rows, m, None] * (x[q] @ x.T) for m, x in enumerate(self.models))
+            fused[torch.arange(len(q), device=self.device), q] = -torch.inf
+            order = torch.sort(fused, dim=1, descending=True, stable=True).indices[:, :self.depth]
+            out[s:s + rows] = self._label_codes[order] == self._label_codes[q, None]
+        return out
 
 
 def _summary(per_query: dict[str, np.ndarray], n_relevant: np.ndarray, k: int) -> dict:
