@@ -1,0 +1,47 @@
+"""Ensemble Explorer: would an ensemble of our image-embedding models retrieve better than the best one alone?
+
+Run with `streamlit run app.py`. The pages are listed here explicitly; the sidebar shows the workspace,
+the device and whether a background worker is alive.
+"""
+from __future__ import annotations
+
+import streamlit as st
+
+from core import jobs
+from pages import context
+
+st.set_page_config(page_title="Ensemble Explorer", page_icon=":material/hub:", layout="wide")
+
+P = context.PAGES
+navigation = st.navigation({
+    "Start": [st.Page(P["start"], title="Start", icon=":material/home:", default=True, url_path="start")],
+    "Evaluate": [
+        st.Page(P["data"], title="Data & models", icon=":material/folder_open:", url_path="data"),
+        st.Page(P["leaderboard"], title="Leaderboard", icon=":material/leaderboard:", url_path="leaderboard"),
+        st.Page(P["sweep"], title="Weight sweep", icon=":material/tune:", url_path="sweep"),
+        st.Page(P["fusion"], title="Fusion heads", icon=":material/model_training:", url_path="fusion"),
+    ],
+    "Inspect": [
+        st.Page(P["explorer"], title="Query explorer", icon=":material/image_search:", url_path="explorer"),
+        st.Page(P["map"], title="Embedding map", icon=":material/scatter_plot:", url_path="map"),
+        st.Page(P["runs"], title="Runs", icon=":material/history:", url_path="runs"),
+    ],
+})
+
+with st.sidebar:
+    with context.guarded():
+        ws = context.workspace()
+        engine = context.engine()
+        source = context.current_source()
+        st.caption(f"Workspace: `{ws.root}`")
+        st.caption(f"Dataset: `{source}`" if source else "Dataset: none chosen yet")
+        st.caption(f"Device: **{context.device()}**")
+        if jobs.worker_alive(engine):
+            st.success("Worker running", icon=":material/play_circle:")
+        else:
+            st.warning("No worker running: jobs wait in the queue.", icon=":material/pause_circle:")
+            if st.button("Start a worker", key="sidebar:start_worker", icon=":material/play_arrow:"):
+                pid = context.start_worker()
+                st.toast(f"Worker started (pid {pid}); it appears here within a few seconds.")
+
+navigation.run()

@@ -1,0 +1,150 @@
+"""Query-level views of methods: one method's eval embeddings, a query's neighbours, per-query and
+per-class AP, where an ensemble fixed or broke a single model, and searching with a new image.
+
+Positions here are positions in the eval split (0..n_eval-1); `rows` maps them back to dataset rows,
+which are the ids the dashboard shows and puts in URLs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from core.cache import EmbeddingCache
+from core.datasets import ImageSet
+from core.fusion import l2_normalize, weighted_concat
+from core.metrics import QueryScores, per_class_ap, per_query_scores
+from core.models import cache_key_for
+from core.search import top_k
+
+# QueryScores attribute behind each metric name the dashboard shows.
+PER_QUERY = {"map@k": "ap_at_k", "map@k_hits": "ap_at_k_hits", "map@r": "ap_at_r", "p@1": "p_at_1"}
+
+
+class ExplorerError(Exception):
+    """Something the user can fix (usually: extract the missing embeddings first); the message says how."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """How to turn cached per-model embeddings into one retrieval: one model, a weighted concatenation,
+    or a trained fusion head (head_path)."""
+
+    label: str
+    models: tuple[str, ...]
+    weights: tuple[float, ...] | None = None
+    head_path: str | None = None
+
+    @classmethod
+    def single(cls, model: str) -> "Method":
+        return cls(model, (model,))
+
+    @classmethod
+    def from_entry(cls, entry) -> "Method":
+        """From a core.leaderboard.Entry."""
+        if entry.kind == "head":
+            return cls(entry.method, tuple(entry.models), None, entry.head_path)
+        if entry.kind == "single":
+            return cls.single(entry.models[0])
+        if entry.weights is None:
+            raise ExplorerError(f"{entry.method}: a {entry.kind} result has no embedding to explore; "
+                                "pick a single model, a weighted concatenation or a trained head")
+        pairs = [(m, w) for m, w in zip(entry.models, entry.weights) if w]
+        return cls(entry.method, tuple(m for m, _ in pairs), tuple(w for _, w in pairs))
+
+
+def cached_arrays(cache: EmbeddingCache, imageset: ImageSet, models: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each model's cached embeddings of the dataset, memory-mapped; a clear error for any not extracted."""
+    out, missing = {}, []
+    for model in models:
+        found = cache.get(imageset.fingerprint, cache_key_for(model))
+        if found is None:
+            missing.append(model)
+        else:
+            out[model] = found.load()
+    if missing:
+        raise ExplorerError(f"No cached embeddings of {imageset.name!r} for {', '.join(missing)}. "
+                            "Extract them on the 'Data & models' page first.")
+    return out
+
+
+def method_embeddings(method: Method, arrays: Mapping[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """The method's L2-normalised embeddings of dataset `rows` (float32, rows x dim)."""
+    parts = [np.asarray(arrays[m][rows], dtype=np.float32) for m in method.models]
+    if method.head_path:
+        from core.heads import TrainedHead
+        try:
+            head = TrainedHead.load(method.head_path)
+        except FileNotFoundError as error:
+            raise ExplorerError(f"{method.label}: {error}. Train the head again on the Fusion page.") from error
+        return head.embed(parts)
+    if len(parts) == 1:
+        return l2_normalize(parts[0])
+    return weighted_concat(parts, method.weights or [1.0] * len(parts))
+
+
+def query_scores(embeddings: np.ndarray, labels: np.ndarray, k: int) -> QueryScores:
+    """Per-query AP (each convention) and P@1 of every eval query."""
+    return per_query_scores(embeddings, labels, k)
+
+
+def neighbours(embeddings: np.ndarray, position: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, positions) of the top-k for one query, the query itself left out by index."""
+    scores, ids = top_k(embeddings[position:position + 1], embeddings, min(k + 1, len(embeddings)))
+    keep = ids[0] != position
+    return scores[0][keep][:k], ids[0][keep][:k]
+
+
+def search(embeddings: np.ndarray, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of a new (already embedded) image among all eval rows."""
+    scores, ids = top_k(np.asarray(vector, dtype=np.float32).reshape(1, -1), embeddings, k)
+    return scores[0], ids[0]
+
+
+def ap_values(scores: QueryScores, metric: str = "map@k") -> np.ndarray:
+    return getattr(scores, PER_QUERY[metric])
+
+
+def changed_queries(ensemble: QueryScores, single: QueryScores, metric: str = "map@k",
+                    *, improved: bool = True, limit: int = 50) -> list[tuple[int, float]]:
+    """(position, AP difference) of queries the ensemble improved (or, improved=False, worsened) most
+    against the single model; excluded queries (no relevant item) are left out."""
+    diff = ap_values(ensemble, metric) - ap_values(single, metric)
+    valid = np.flatnonzero(ensemble.valid & np.isfinite(diff))
+    diff_valid = diff[valid]
+    picked = valid[diff_valid > 0] if improved else valid[diff_valid < 0]
+    order = np.argsort(-diff[picked] if improved else diff[picked], kind="stable")
+    return [(int(p), float(diff[p])) for p in picked[order][:limit]]
+
+
+def hardest_queries(scores: QueryScores, metric: str = "map@k", limit: int = 50) -> list[tuple[int, float]]:
+    """(position, AP) of the lowest-scoring queries."""
+    values = ap_values(scores, metric)
+    valid = np.flatnonzero(scores.valid)
+    order = valid[np.argsort(values[valid], kind="stable")]
+    return [(int(p), float(values[p])) for p in order[:limit]]
+
+
+def per_class_difference(a: QueryScores, b: QueryScores, labels: np.ndarray, class_names: Sequence[str],
+                         metric: str = "map@k") -> list[dict]:
+    """Mean AP per class of two methods and their difference (b - a), biggest gain first."""
+    pa, pb = per_class_ap(a, labels, PER_QUERY[metric]), per_class_ap(b, labels, PER_QUERY[metric])
+    rows = [{"class": class_names[int(c)], "A": pa[c], "B": pb.get(c, float("nan")),
+             "B - A": pb.get(c, float("nan")) - pa[c]} for c in pa]
+    return sorted(rows, key=lambda r: -(r["B - A"] if r["B - A"] == r["B - A"] else -np.inf))
+
+
+def embed_image(image, method: Method, loaded: Mapping[str, object]) -> np.ndarray:
+    """A new PIL image in the method's embedding space (1 x dim, L2-normalised), using `loaded`
+    (model name -> core.models.EmbeddingModel on the CPU)."""
+    import torch
+
+    image = image.convert("RGB")
+    parts = []
+    with torch.inference_mode():
+        for name in method.models:
+            model = loaded[name]
+            batch = model.preprocess(image).unsqueeze(0).to(model.device)
+            parts.append(model.embed(batch).float().cpu().numpy())
+    return method_embeddings(method, dict(zip(method.models, parts)), np.array([0]))
