@@ -125,10 +125,12 @@ def board(entries: Sequence[Entry], k: int, metric: str = "map@k") -> list[Entry
     for group in subsets.values():
         best = _best(group, metric)
         chosen.setdefault(("concat", frozenset(best.used_models), best.ratio), best)
-    # A promoted row replaces the identical sweep row instead of appearing twice.
+    # A promoted row replaces the identical sweep row or head instead of appearing twice.
     promoted_keys = {(e.used_models, e.ratio) for e in chosen.values() if e.promoted and e.kind == "concat"}
+    promoted_heads = {e.head_path for e in chosen.values() if e.promoted and e.head_path}
     rows = [e for key, e in chosen.items()
-            if not (key[0] == "concat" and (e.used_models, e.ratio) in promoted_keys)]
+            if not (key[0] == "concat" and (e.used_models, e.ratio) in promoted_keys)
+            and not (not e.promoted and e.head_path and e.head_path in promoted_heads)]
     return sorted(rows, key=lambda e: -_finite(e.score(metric)))
 
 
