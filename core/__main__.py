@@ -1,0 +1,279 @@
+"""Command line: python -m core {models,extract,evaluate,sweep,train-head,report,embed,demo,worker} --help.
+
+extract / evaluate / sweep / train-head run the same job handlers as the background worker, in this
+process, so a CLI run lands in the runs database exactly as a dashboard run does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(part) for part in _csv(text)]
+
+
+def _open_workspace(args):
+    from core import db
+    from core.workspace import Workspace
+
+    workspace = Workspace.open(args.workspace)
+    engine = db.make_engine(args.db_url or workspace.db_url)
+    db.init_db(engine)
+    return workspace, engine
+
+
+def _tqdm_reporter():
+    from tqdm import tqdm
+
+    from core.progress import Reporter
+
+    bars: list = []  # opened on the first progress report, so an early error prints no empty bar
+
+    def on_progress(fraction: float, message: str) -> None:
+        if not bars:
+            bars.append(tqdm(total=1000, file=sys.stderr, bar_format="{l_bar}{bar}| {desc}"))
+        bars[0].n = int(fraction * 1000)
+        bars[0].set_description_str(message[:60], refresh=False)
+        bars[0].refresh()
+
+    return Reporter(on_progress=on_progress), bars
+
+
+def _run_handler(kind: str, params: dict, args) -> int:
+    from core.tasks import handler_for
+
+    workspace, engine = _open_workspace(args)
+    reporter, bars = _tqdm_reporter()
+    try:
+        return handler_for(kind)(params, reporter, workspace, engine)
+    finally:
+        for bar in bars:
+            bar.close()
+
+
+def _results(run_id: int, args) -> list[dict]:
+    from core import db
+
+    _, engine = _open_workspace(args)
+    with db.read_session(engine) as session:
+        run = db.get_run(session, run_id)
+        return [{"method": r.method, "weights": r.weights, "oracle": r.is_oracle, **(r.metrics or {})}
+                for r in run.results]
+
+
+def _print_rows(rows: list[dict], as_json: bool, top: int | None = None) -> None:
+    rows = rows[:top] if top else rows
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    from core.leaderboard import to_markdown
+
+    print(to_markdown([{key: v for key, v in r.items() if key != "weights" or v} for r in rows]))
+
+
+def cmd_models(args) -> int:
+    from core.models import list_models
+
+    models = list_models()
+    if args.json:
+        print(json.dumps([m.__dict__ for m in models], indent=2))
+        return 0
+    width = max(len(m.name) for m in models)
+    for m in models:
+        dim = str(m.dim) if m.dim else "?"
+        note = "" if m.availability == "offline" else f"  ({m.how_to_get})"
+        print(f"{m.name:<{width}}  {m.availability:<14} {dim:>5}-d  {m.family}{note}")
+    return 0
+
+
+def _common_params(args) -> dict:
+    params = {"dataset": args.dataset, "models": _csv(args.models)}
+    if args.limit_per_class:
+        params["limit_per_class"] = args.limit_per_class
+    if args.device:
+        params["device"] = args.device
+    return params
+
+
+def cmd_extract(args) -> int:
+    run_id = _run_handler("extract", _common_params(args), args)
+    print(f"extracted; run {run_id}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    run_id = _run_handler("evaluate", {**_common_params(args), "k": args.k}, args)
+    _print_rows(_results(run_id, args), args.json)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    params = {**_common_params(args), "k": args.k, "weights": _numbers(args.weights)}
+    run_id = _run_handler("sweep", params, args)
+    _print_rows(_results(run_id, args), args.json, args.top)
+    return 0
+
+
+def cmd_train_head(args) -> int:
+    head = {key: getattr(args, key) for key in ("kind", "out_dim", "loss", "epochs", "lr")
+            if getattr(args, key) is not None}  # unset ones take HeadConfig's measured defaults
+    params = {**_common_params(args), "k": args.k, "head": head}
+    run_id = _run_handler("train_head", params, args)
+    _print_rows(_results(run_id, args), args.json)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from core.datasets import open_dataset
+    from core.leaderboard import board, entries_for_dataset, rows, to_markdown
+
+    workspace, engine = _open_workspace(args)
+    imageset = open_dataset(args.dataset, workspace, limit_per_class=args.limit_per_class)
+    entries = [e for e in entries_for_dataset(engine, imageset.fingerprint) if e.k == args.k]
+    if not entries:
+        print(f"No results at k={args.k} for {imageset.name} yet: run `python -m core evaluate` and "
+              f"`python -m core sweep` (or `python -m core demo`) first.", file=sys.stderr)
+        return 1
+    table = rows(board(entries, args.k))
+    keys = ("map@k", "map@k_hits", "map@r", "p@1")
+    print(f"# Ensemble report: {imageset.name}, eval split ({len(imageset.split('eval'))} queries), k={args.k}\n")
+    print("map@k divides by min(k, R); map@k_hits by the hits in the top k (the reference study's later code); "
+          "map@r uses k = R. Concatenation weights marked oracle were tuned on the eval split.\n")
+    sections = [("Single models", lambda r: r["type"] == "single")]
+    sections += [(f"Best {n}-model concatenations", lambda r, n=n: r["type"] == "concat" and r["n_models"] == n)
+                 for n in (2, 3, 4)]
+    sections.append(("Trained fusion heads and other fusion methods", lambda r: r["type"] in ("head", "fusion")))
+    for title, keep in sections:
+        chosen = [r for r in table if keep(r)][:args.top]
+        if not chosen:
+            continue
+        print(f"## {title}\n")
+        print(to_markdown([{"method": r["method"], **{key: r[key] for key in keys},
+                            "gain (map@k)": r["gain"], "oracle": "yes" if r["oracle"] else ""}
+                           for r in chosen]))
+        print()
+    best = table[0]
+    single = max((r for r in table if r["type"] == "single"), key=lambda r: r["map@k"], default=None)
+    if single and not math.isnan(best["map@k"]):
+        print(f"Best overall: {best['method']} map@k {best['map@k']:.4f} vs best single model "
+              f"{single['method']} {single['map@k']:.4f} ({100 * (best['map@k'] - single['map@k']):+.2f} points).")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from core.export import embed_command
+
+    embed_command(args.artifact, args.images, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Prepare the offline demo (extract, evaluate, sweep): here and now with its report, or queued for the worker."""
+    from core.catalog import DEMO_K, demo_jobs
+
+    jobs = [(kind, {**params, **({"device": args.device} if args.device else {})}) for kind, params in demo_jobs()]
+    if args.queue:
+        from core.jobs import submit
+
+        _, engine = _open_workspace(args)
+        ids = [submit(engine, kind, params).id for kind, params in jobs]
+        print(f"queued demo jobs {ids}; a worker (python -m core worker) runs them")
+        return 0
+    for kind, params in jobs:
+        _run_handler(kind, params, args)
+    return cmd_report(argparse.Namespace(**{**vars(args), "dataset": "demo", "limit_per_class": None,
+                                            "k": DEMO_K, "top": 5}))
+
+
+def cmd_worker(args, rest: list[str]) -> int:
+    from core.worker import main
+
+    for flag, value in (("--workspace", args.workspace), ("--db-url", args.db_url)):
+        if value and flag not in rest:
+            rest = [flag, value, *rest]
+    return main(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m core", description="Ensemble Explorer: does an ensemble of "
+                                "image-embedding models retrieve better than the best single model?")
+    p.add_argument("--workspace", default=None, help="workspace folder (default $ENSEMBLE_WORKSPACE or ./workspace)")
+    p.add_argument("--db-url", default=None, help="SQLAlchemy URL of the runs database (default: SQLite in the workspace)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("models", help="list the models and whether their weights are available offline")
+    m.add_argument("--json", action="store_true")
+
+    def data_args(q, models=True):
+        q.add_argument("--dataset", default="demo", help='"demo", an ImageFolder path or a CSV manifest')
+        if models:
+            q.add_argument("--models", default="tf_efficientnet_lite0,tf_efficientnet_lite1,tf_efficientnet_lite2,"
+                           "open_nsfw_resnet50_thin", help="comma-separated model names (default: the offline four)")
+        q.add_argument("--limit-per-class", type=int, default=None)
+        q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+    for name, helptext in (("extract", "extract and cache embeddings"),
+                           ("evaluate", "score each model alone on the eval split"),
+                           ("sweep", "grid-sweep concat weights over every subset"),
+                           ("train-head", "train a fusion head on the train split, score on eval")):
+        q = sub.add_parser(name, help=helptext)
+        data_args(q)
+        if name != "extract":
+            q.add_argument("--k", type=int, default=50)
+            q.add_argument("--json", action="store_true")
+    sub.choices["sweep"].add_argument("--weights", default="0,1,2,3,4,5", help="grid values per model")
+    sub.choices["sweep"].add_argument("--top", type=int, default=20, help="rows to print")
+    th = sub.choices["train-head"]
+    th.add_argument("--kind", choices=["mlp", "project_concat", "learned_ratio"])
+    th.add_argument("--out-dim", type=int)
+    th.add_argument("--loss", choices=["normalized_softmax", "proxy_anchor", "arcface", "multi_similarity"])
+    th.add_argument("--epochs", type=int)
+    th.add_argument("--lr", type=float)
+
+    r = sub.add_parser("report", help="the reference study's tables for a dataset, as Markdown")
+    data_args(r, models=False)
+    r.add_argument("--k", type=int, default=50)
+    r.add_argument("--top", type=int, default=3, help="rows per table")
+
+    e = sub.add_parser("embed", help="embed images with an exported ensemble artifact")
+    e.add_argument("artifact")
+    e.add_argument("images", nargs="+")
+    e.add_argument("--out", required=True, help=".npy file to write")
+
+    d = sub.add_parser("demo", help="prepare the offline demo (extract, evaluate, sweep) and print its report")
+    d.add_argument("--device", default=None)
+    d.add_argument("--queue", action="store_true", help="submit the jobs to the worker instead of running them here")
+
+    sub.add_parser("worker", help="run a background worker (python -m core worker --help)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from core.datasets import DatasetError
+    from core.metrics import MetricsError
+    from core.models import ModelError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "worker" in argv:  # everything after "worker" belongs to the worker's own parser
+        at = argv.index("worker")
+        args = build_parser().parse_args(argv[:at + 1])
+        return cmd_worker(args, argv[at + 1:])
+    args = build_parser().parse_args(argv)
+    command = {"models": cmd_models, "extract": cmd_extract, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
+               "train-head": cmd_train_head, "report": cmd_report, "embed": cmd_embed, "demo": cmd_demo}
+    try:
+        return command[args.command](args)
+    except (DatasetError, ModelError, MetricsError, ValueError) as exc:  # the user's input: say what to fix
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
