@@ -6,6 +6,7 @@ from core.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import streamlit as st
 from core import catalog, jobs
 from core.cache import EmbeddingCache
 from core.datasets import DatasetError, ImageSet, open_dataset
-from core.db import init_db, make_engine
+from core.db import init_db, make_engine, utcnow
 from core.explorer import ExplorerError
 from core.metrics import MetricsError
 from core.models import ModelError
@@ -38,6 +39,7 @@ PAGES = {
 USER_ERRORS = (DatasetError, ModelError, MetricsError, ExplorerError)
 POLL_SECONDS = 2.0
 ROWS_PER_PAGE = 50
+FAILURES_SHOWN_FOR_H = 6  # a failed job is announced on the pages for this long, then only on Runs
 
 
 # --- resources (one per process) ---------------------------------------------------------------------
@@ -177,11 +179,13 @@ def show_jobs(kinds: tuple[str, ...] | None = None, key: str = "jobs") -> None:
             if cols[1].button("Cancel", key=f"{key}:cancel:{job.id}", disabled=bool(job.cancel_requested)):
                 jobs.request_cancel(eng, job.id)
                 st.rerun(scope="fragment")
-        failed = [j for j in jobs.list_jobs(eng, status=jobs.FAILED, limit=5) if kinds is None or j.kind in kinds]
+        recent = utcnow() - dt.timedelta(hours=FAILURES_SHOWN_FOR_H)
+        failed = [j for j in jobs.list_jobs(eng, status=jobs.FAILED, limit=5)
+                  if (kinds is None or j.kind in kinds) and j.finished and j.finished > recent]
         if failed:
             last = failed[0]
             first_line = (last.error or "no reason recorded").strip().splitlines()[0]
-            st.error(f"{job_label(last)} failed: {first_line}", icon=":material/error:")
+            st.error(f"{job_label(last)} failed: {first_line} (details on the Runs page)", icon=":material/error:")
 
     panel()
 
@@ -269,26 +273,30 @@ def thumb(imageset: ImageSet, row: int, size: int = 128) -> str | None:
 
 
 def method_options(imageset: ImageSet) -> dict:
-    """Every method the explorer can show: each cached model alone, then each ensemble and head on the
-    leaderboard (any k), keyed by a label; values are (core.explorer.Method, result_id or None)."""
+    """Every method the explorer can show, keyed by a label; values are (core.explorer.Method, result_id or None).
+    Order: single models best first (by map@k at the board's usual k), other cached models, then ensembles
+    and heads best first. So the first entry is the best single model and the first "[...]" one the best ensemble."""
     from core import leaderboard as lb
     from core.explorer import ExplorerError, Method
-    options = {}
-    for s in catalog.cached_sets(embedding_cache(), imageset.fingerprint):
-        options[s.model_name] = (Method.single(s.model_name), None)
     all_entries = entries(imageset)
-    for k in lb.available_ks(all_entries):
-        for e in lb.board(all_entries, k):
-            if e.kind == "single":
-                options.setdefault(e.models[0], (Method.single(e.models[0]), e.result_id))
-                continue
-            try:
-                method = Method.from_entry(e)
-            except ExplorerError:
-                continue
-            label = f"{e.method} [{e.kind}{', oracle' if e.is_oracle else ''}]"
-            options.setdefault(label, (method, e.result_id))
-    return options
+    ks = lb.available_ks(all_entries)
+    ordered = []
+    if ks:
+        ordered = lb.board(all_entries, 50 if 50 in ks else ks[-1])
+        ordered += [e for k in ks for e in lb.board(all_entries, k)]
+    singles, fused = {}, {}
+    for e in ordered:
+        if e.kind == "single":
+            singles.setdefault(e.models[0], (Method.single(e.models[0]), e.result_id))
+            continue
+        try:
+            method = Method.from_entry(e)
+        except ExplorerError:
+            continue
+        fused.setdefault(f"{e.method} [{e.kind}{', oracle' if e.is_oracle else ''}]", (method, e.result_id))
+    for s in catalog.cached_sets(embedding_cache(), imageset.fingerprint):
+        singles.setdefault(s.model_name, (Method.single(s.model_name), None))
+    return {**singles, **fused}
 
 
 @st.cache_resource(show_spinner="Projecting to 2-D ...", max_entries=8)

@@ -36,7 +36,8 @@ with context.guarded():
     wanted = [labels_by_result[int(x)] for x in st.query_params.get("methods", "").split(",")
               if x.isdigit() and int(x) in labels_by_result]
     names = list(options)
-    default = wanted or ([names[0]] + [n for n in names if "[" in n][:1] or names[:2])
+    ensembles = [n for n in names if n.endswith("]")]
+    default = wanted or ([names[0], ensembles[0]] if ensembles else names[:2])  # best single vs best ensemble
     cols = st.columns([4, 1])
     chosen = cols[0].multiselect("Methods (two to four)", names, default=default[:4], max_selections=4,
                                  key="explorer:methods")
@@ -50,6 +51,7 @@ with context.guarded():
     st.subheader("Pick a query")
     how = st.radio("By", ["thumbnail", "id", "ensemble fixed", "ensemble broke", "hardest"], horizontal=True,
                    key="explorer:how")
+    # "Fixed / broke" compares the first chosen ensemble with the first chosen single model (by default the best one).
     singles = [i for i, m in enumerate(methods) if len(m.models) == 1 and not m.head_path]
     fused = [i for i, m in enumerate(methods) if i not in singles]
 

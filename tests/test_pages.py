@@ -202,6 +202,7 @@ def test_sweep_page_shows_ranked_vectors_heatmap_and_promotes(monkeypatch, seede
     twin = ranked[(ranked[f"w:{MODELS[0]}"] == 2) & (ranked[f"w:{MODELS[1]}"] == 2)].iloc[0]
     assert twin["same as"] == "1, 1"
     assert at.query_params["sweep"] == [str(seeded["sweep_run"])] or at.query_params["sweep"] == str(seeded["sweep_run"])
+    assert len(at.get("plotly_chart")) == 1  # the 2-model heatmap
     at = at.button(key="sweep:promote").click().run()
     no_exception(at)
     assert any("Promoted" in e.value for e in at.success)
@@ -224,7 +225,12 @@ def test_query_explorer_shows_methods_side_by_side(monkeypatch, seeded):
     assert any(s.value.startswith("Query #") for s in at.subheader)
     marks = [c.value for c in at.caption if c.value.startswith(("🟩", "🟥"))]
     assert len(marks) == 2 * 10 or len(marks) == 2 * 11  # k=10 per method (11 eval neighbours available)
-    # pick the query by id; the URL keeps it
+    assert len(at.get("plotly_chart")) == 0
+    # pick the query by clicking a thumbnail; the URL keeps it
+    at.button(key="explorer:pick:17").click().run()
+    assert at.query_params["query"] in ("17", ["17"])
+    assert any(s.value.startswith("Query #17: fox") for s in at.subheader)
+    # pick the query by id
     at.radio(key="explorer:how").set_value("id").run()
     at.number_input(key="explorer:id").set_value(9).run()
     no_exception(at)
@@ -258,7 +264,11 @@ def test_embedding_map_projects_every_eval_image(monkeypatch, seeded):
     at = app(monkeypatch, seeded["workspace"].root, "pages/embedding_map.py", dataset=seeded["source"])
     no_exception(at)
     assert at.selectbox(key="map:projection").value == "pca"
-    assert any("12 eval images" in str(c.value) for c in at.caption) or True
+    assert len(at.get("plotly_chart")) == 1
+    # every embedding the explorer offers can be mapped, the fused ones too
+    for option in at.selectbox(key="map:method").options:
+        at.selectbox(key="map:method").set_value(option).run()
+        no_exception(at)
 
 
 def test_runs_page_opens_compares_and_exports(monkeypatch, seeded):
@@ -298,3 +308,44 @@ def test_pages_without_cached_embeddings(monkeypatch, tmp_path, seeded):
         at = app(monkeypatch, tmp_path / "bare", page, dataset=seeded["source"])
         no_exception(at)
         assert expected in texts(at), page
+
+
+def test_the_demo_is_one_click(monkeypatch, empty):
+    """With a worker alive (registered through core.jobs), one click queues extract, evaluate and sweep
+    of the four packaged models on the demo, and the dataset becomes the current one."""
+    engine = db.make_engine(Workspace.open(empty).db_url)
+    db.init_db(engine)
+    jobs.register_worker(engine, "test-worker")
+    at = app(monkeypatch, empty, "pages/start.py")
+    at = at.button(key="start:demo").click().run()
+    no_exception(at)
+    queued = sorted(jobs.list_jobs(engine), key=lambda j: j.id)
+    assert [j.kind for j in queued] == ["extract", "evaluate", "sweep"]
+    assert all(j.params["dataset"] == "demo" and len(j.params["models"]) == 4 for j in queued)
+    assert at.query_params["dataset"] in ("demo", ["demo"])
+    assert any("Demo queued" in e.value for e in at.success)
+    at = at.button(key="start:demo").click().run()  # a second click shares the same jobs
+    assert len(jobs.list_jobs(engine)) == 3
+    for job in queued:  # nothing left behind for a real worker
+        jobs.request_cancel(engine, job.id)
+
+
+def test_start_worker_launches_a_real_worker(monkeypatch, tmp_path):
+    import os
+    import signal
+    import time
+    from pages import context
+    root = tmp_path / "worker-ws"
+    monkeypatch.setenv("ENSEMBLE_WORKSPACE", str(root))
+    pid = context.start_worker()
+    engine = db.make_engine(Workspace.open(root).db_url)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            db.init_db(engine)
+            if jobs.worker_alive(engine):
+                break
+            time.sleep(0.5)
+        assert jobs.worker_alive(engine)
+    finally:
+        os.kill(pid, signal.SIGTERM)
