@@ -148,7 +148,7 @@ def start_worker() -> int:
 
 
 def submit(kind: str, params: dict) -> int:
-    """Queue a job (identical queued work is shared), remembering it so the page shows its progress."""
+    """Queue a job (an identical queued or running one is shared instead); its id."""
     job = jobs.submit(engine(), kind, params)
     return job.id
 
@@ -309,3 +309,15 @@ def _projection(key: str, how: str, max_points: int, _imageset: ImageSet, _metho
 def projection(imageset: ImageSet, method, how: str, max_points: int):
     """(eval positions shown, their 2-D coordinates)."""
     return _projection(f"{imageset.fingerprint}|{method!r}", how, int(max_points), imageset, method)
+
+
+def url_index(name: str, options: list, default: int = 0) -> int:
+    """The index of the option named in the URL (?name=value), so a reload keeps the choice."""
+    wanted = st.query_params.get(name)
+    texts = [str(o) for o in options]
+    return texts.index(wanted) if wanted in texts else default
+
+
+def remember(name: str, value) -> None:
+    if st.query_params.get(name) != str(value):
+        st.query_params[name] = str(value)

@@ -46,8 +46,12 @@ with context.guarded():
 
     ks = lb.available_ks(entries)
     top = st.columns([1, 2, 3])
-    k = top[0].selectbox("k", ks, index=len(ks) - 1 if 50 not in ks else ks.index(50), key="lb:k")
-    metric = top[1].selectbox("Rank by", METRIC_KEYS, key="lb:metric")
+    k = top[0].selectbox("k", ks, index=context.url_index("k", ks, len(ks) - 1 if 50 not in ks else ks.index(50)),
+                         key="lb:k")
+    metric = top[1].selectbox("Rank by", METRIC_KEYS, index=context.url_index("metric", list(METRIC_KEYS)),
+                              key="lb:metric")
+    context.remember("k", k)
+    context.remember("metric", metric)
     top[2].caption(context.metric_header(k, metric) + ". Queries without any relevant item are excluded.")
 
     board = lb.board(entries, k, metric)

@@ -41,7 +41,12 @@ with context.guarded():
     cols = st.columns([4, 1])
     chosen = cols[0].multiselect("Methods (two to four)", names, default=default[:4], max_selections=4,
                                  key="explorer:methods")
-    k = cols[1].number_input("k", 1, 100, 10, key="explorer:k")
+    k = cols[1].number_input("k", 1, 100, int(st.query_params.get("k", 10)) if st.query_params.get("k", "").isdigit()
+                             else 10, key="explorer:k")
+    context.remember("k", k)
+    picked_ids = [str(options[name][1]) for name in chosen if options[name][1] is not None]
+    if len(picked_ids) == len(chosen):  # methods with a stored result survive a reload through the URL
+        context.remember("methods", ",".join(picked_ids))
     if not chosen:
         st.info("Choose at least one method.")
         st.stop()

@@ -349,3 +349,25 @@ def test_start_worker_launches_a_real_worker(monkeypatch, tmp_path):
         assert jobs.worker_alive(engine)
     finally:
         os.kill(pid, signal.SIGTERM)
+
+
+def test_a_reload_keeps_the_explorer_state_from_the_url(monkeypatch, seeded):
+    at = app(monkeypatch, seeded["workspace"].root, "pages/query_explorer.py", dataset=seeded["source"])
+    at.multiselect(key="explorer:methods").set_value(list(reversed(at.multiselect(key="explorer:methods").options))[:3])
+    at.number_input(key="explorer:k").set_value(4)
+    at.button(key="explorer:pick:10").click().run()
+    chosen = at.multiselect(key="explorer:methods").value
+    url = {key: at.query_params[key] for key in ("dataset", "query", "methods", "k")}
+    reloaded = app(monkeypatch, seeded["workspace"].root, "pages/query_explorer.py", **url)
+    no_exception(reloaded)
+    assert reloaded.multiselect(key="explorer:methods").value == chosen
+    assert reloaded.number_input(key="explorer:k").value == 4
+    assert any(s.value.startswith("Query #10") for s in reloaded.subheader)
+
+
+def test_the_dataset_survives_a_restart_through_the_db(monkeypatch, seeded):
+    """No ?dataset= and a new session: the most recently used dataset in the DB is the current one."""
+    at = app(monkeypatch, seeded["workspace"].root, "pages/leaderboard.py")
+    no_exception(at)
+    assert at.query_params["dataset"] in (seeded["source"], [seeded["source"]])
+    assert at.query_params["k"] in (str(K), [str(K)])
