@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from core.fusion import l2_normalize
 from core.search import SearchBackend, top_k
@@ -62,32 +63,31 @@ def depth_needed(n_relevant: np.ndarray, k: int, n_gallery: int) -> int:
     return int(min(max(k, int(n_relevant.max(initial=0))), n_gallery))
 
 
-def scores_from_relevance(relevance: np.ndarray, n_relevant: np.ndarray, k: int) -> dict[str, np.ndarray]:
+def scores_from_relevance(relevance, n_relevant, k: int) -> dict[str, torch.Tensor]:
     """The per-query metrics from ranked relevance (..., depth) booleans, best first.
 
     Leading axes are batch axes (the sweep scores many weight vectors at once). `depth` must reach
-    max(k, R) for every query (or the whole gallery); NaN marks queries with R = 0.
+    max(k, R) for every query (or the whole gallery); NaN marks queries with R = 0. Runs in float64
+    on the relevance's own device (numpy arrays are scored on the CPU), so the sweep never leaves the GPU.
     """
-    rel = relevance.astype(np.float64)
+    rel = torch.as_tensor(relevance).to(torch.float64)
+    r = torch.as_tensor(n_relevant, device=rel.device).to(torch.float64).expand(rel.shape[:-1])
     depth = rel.shape[-1]
-    ranks = np.arange(1, depth + 1, dtype=np.float64)
-    precision_hits = np.cumsum(rel, axis=-1) / ranks * rel  # P@i * rel_i
+    ranks = torch.arange(1, depth + 1, dtype=torch.float64, device=rel.device)
+    precision_hits = torch.cumsum(rel, dim=-1) / ranks * rel  # P@i * rel_i
     kk = min(k, depth)
-    sum_k = precision_hits[..., :kk].sum(axis=-1)
-    hits_k = rel[..., :kk].sum(axis=-1)
-    r = np.broadcast_to(n_relevant, sum_k.shape).astype(np.float64)
-    within_r = ranks <= r[..., None]
-    sum_r = (precision_hits * within_r).sum(axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = {
-            "ap_at_k": sum_k / np.minimum(k, r),
-            "ap_at_k_hits": np.where(hits_k > 0, sum_k / np.maximum(hits_k, 1), 0.0),
-            "ap_at_r": sum_r / r,
-            "p_at_1": rel[..., 0],
-        }
+    sum_k = precision_hits[..., :kk].sum(dim=-1)
+    hits_k = rel[..., :kk].sum(dim=-1)
+    sum_r = (precision_hits * (ranks <= r[..., None])).sum(dim=-1)
+    out = {
+        "ap_at_k": sum_k / torch.clamp(r, max=k),
+        "ap_at_k_hits": torch.where(hits_k > 0, sum_k / hits_k.clamp(min=1), 0.0),
+        "ap_at_r": sum_r / r,
+        "p_at_1": rel[..., 0].clone(),
+    }
     excluded = r == 0
     for values in out.values():
-        values[excluded] = np.nan
+        values[excluded] = torch.nan
     return out
 
 
@@ -121,7 +121,7 @@ def per_query_scores(embeddings: np.ndarray, labels: np.ndarray, k: int = 50, *,
 def _query_scores(ranked_ids: np.ndarray, labels: np.ndarray, n_relevant: np.ndarray, k: int) -> QueryScores:
     relevance = labels[ranked_ids] == labels[:, None]
     s = scores_from_relevance(relevance, n_relevant, k)
-    return QueryScores(k=int(k), n_relevant=n_relevant, **s)
+    return QueryScores(k=int(k), n_relevant=n_relevant, **{key: v.numpy() for key, v in s.items()})
 
 
 def evaluate(embeddings: np.ndarray, labels: np.ndarray, k: int = 50, *,

@@ -140,15 +140,19 @@ class WeightedConcatScorer:
             raise MetricsError("weights must be non-negative with at least one non-zero per vector")
         squared = torch.as_tensor(w ** 2, dtype=torch.float32, device=self.device)  # cos weights
         n, width = self.candidates.shape
-        per_block = max(1, BLOCK_ELEMENTS // (n * width))
+        budget = BLOCK_ELEMENTS * (16 if self.device.type == "cuda" else 1)
+        per_block = max(1, budget // (n * width))
+        valid = torch.as_tensor(self.n_relevant > 0, device=self.device)
         results = []
         for start in range(0, len(w), per_block):
             reporter.check_cancel()
             a = squared[start:start + per_block]  # B x M
-            rel = self._ranked_relevance(a)  # B x n x depth (bool, numpy)
+            rel = self._ranked_relevance(a)  # B x n x depth
             s = scores_from_relevance(rel, self.n_relevant, self.k)
-            for b in range(len(a)):
-                results.append(_summary({key: v[b] for key, v in s.items()}, self.n_relevant, self.k))
+            means = torch.stack([s[key][:, valid].mean(dim=1) for key in _PER_QUERY]).T.cpu().tolist()
+            for row in means:
+                results.append({**dict(zip(METRIC_KEYS, row)), "k": self.k,
+                                "n_queries": int(valid.sum()), "n_excluded": int((~valid).sum())})
             reporter.progress((start + len(a)) / len(w), f"scored {start + len(a)}/{len(w)} weight vectors")
         return results
 
@@ -174,7 +178,7 @@ class WeightedConcatScorer:
         self.n_uncertified += len(q_idx)
         if len(q_idx):
             rel[b_idx, q_idx] = self._exact_relevance(a[b_idx], q_idx)
-        return rel.cpu().numpy()
+        return rel
 
     def _exact_relevance(self, a: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """Full-gallery rankings for (weights, query) pairs the bound could not certify: the fallback
@@ -190,12 +194,8 @@ class WeightedConcatScorer:
         return out
 
 
-def _summary(per_query: dict[str, np.ndarray], n_relevant: np.ndarray, k: int) -> dict:
-    valid = n_relevant > 0
-    names = {"ap_at_k": "map@k", "ap_at_k_hits": "map@k_hits", "ap_at_r": "map@r", "p_at_1": "p@1"}
-    out = {names[key]: float(v[valid].mean()) if valid.any() else float("nan") for key, v in per_query.items()}
-    out.update(k=k, n_queries=int(valid.sum()), n_excluded=int((~valid).sum()))
-    return out
+# Per-query arrays of scores_from_relevance, in METRIC_KEYS order.
+_PER_QUERY = ("ap_at_k", "ap_at_k_hits", "ap_at_r", "p_at_1")
 
 
 def _ranked(rows: list[dict]) -> list[dict]:

@@ -1,0 +1,97 @@
+"""One script for a lent GPU machine: the CUDA tests, then the GPU benchmarks, then a short table.
+
+    python bench/gpu_check.py --out DIR      (DIR gets gpu_check.json and the pytest log)
+
+Runs where faiss, SQLAlchemy and Streamlit are absent (the GPU path never imports them); carry the
+pytorch-metric-learning wheel for the head-training test. Tested on CPU with --n 2000 --skip-tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def run_tests(out: Path) -> dict:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"],
+                          cwd=ROOT, capture_output=True, text=True)
+    (out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
+    summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    return {"returncode": proc.returncode, "summary": summary, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def time_search(n: int, device: str) -> dict:
+    import numpy as np
+    import torch
+
+    from bench_sweep import synthetic_models
+    from core.fusion import weighted_concat
+    from core.search import TorchSearch, top_k
+
+    embeddings, _ = synthetic_models(n, max(1, n // 50))
+    x = weighted_concat(embeddings, [1, 1, 1, 1])
+    backend = TorchSearch(device)
+    top_k(x[:1000], x[:1000], 51, exclude_self=True, backend=backend)  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    _, ids = top_k(x, x, 51, exclude_self=True, backend=backend)
+    seconds = time.perf_counter() - t0
+    assert not (ids == np.arange(n)[:, None]).any()
+    return {"n": n, "dims": int(x.shape[1]), "k": 51, "exact_search_s": round(seconds, 3)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    p.add_argument("--n", type=int, default=50_000)
+    p.add_argument("--naive-sample", type=int, default=3)
+    p.add_argument("--skip-tests", action="store_true")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                    "torch": torch.__version__}
+    steps = [("tests", lambda: run_tests(out))] if not args.skip_tests else []
+    steps += [("search", lambda: time_search(args.n, device)),
+              ("sweep", lambda: __import__("bench_sweep").main(
+                  ["--n", str(args.n), "--classes", str(max(1, args.n // 50)), "--naive-sample", str(args.naive_sample),
+                   "--device", device]))]
+    for name, step in steps:
+        t0 = time.perf_counter()
+        try:
+            report[name] = step()
+        except Exception as exc:  # one failed step must not hide the others' numbers
+            report[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"[{name}] done in {time.perf_counter() - t0:.1f}s", flush=True)
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+    print("\n| check | result |\n|---|---|")
+    print(f"| device | {report['device']} (torch {report['torch']}) |")
+    if "tests" in report:
+        print(f"| CUDA tests | {report['tests'].get('summary', report['tests'])} |")
+    s = report.get("search", {})
+    print(f"| exact top-51 search {s.get('n')} x {s.get('dims')}-d fp32 | {s.get('exact_search_s', s)} s |")
+    w = report.get("sweep", {})
+    if "speedup" in w:
+        print(f"| grid sweep [1..5]^4, {w['n_items']} items | {w['grid_sweep_s']} s vs naive "
+              f"{w['naive_total_s']} s ({w['speedup']}x), max diff {w['max_abs_metric_diff']:.1e} |")
+    else:
+        print(f"| grid sweep | {w} |")
+
+
+if __name__ == "__main__":
+    main()
