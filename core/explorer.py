@@ -148,3 +148,18 @@ def embed_image(image, method: Method, loaded: Mapping[str, object]) -> np.ndarr
             batch = model.preprocess(image).unsqueeze(0).to(model.device)
             parts.append(model.embed(batch).float().cpu().numpy())
     return method_embeddings(method, dict(zip(method.models, parts)), np.array([0]))
+
+
+def query_ap(embeddings: np.ndarray, labels: np.ndarray, position: int, k: int) -> dict:
+    """AP@k (each convention) and P@1 of one query, from that query's own search alone (deep enough for
+    exact map@r), so a page can show it without scoring the whole eval set. NaN when it has no relevant item."""
+    from core.metrics import depth_needed, scores_from_relevance
+
+    labels = np.asarray(labels)
+    n_relevant = np.array([int((labels == labels[position]).sum()) - 1])
+    depth = depth_needed(n_relevant, k, len(labels) - 1)
+    _, ids = neighbours(embeddings, position, depth)
+    relevance = (labels[ids] == labels[position])[None, :]
+    values = scores_from_relevance(relevance, n_relevant, k)
+    names = {v: key for key, v in PER_QUERY.items()}
+    return {names[key]: float(v[0]) for key, v in values.items()}

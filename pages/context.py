@@ -223,7 +223,7 @@ def model_arrays(imageset: ImageSet, models) -> dict:
     return out
 
 
-@st.cache_resource(show_spinner="Building the method's embeddings ...", max_entries=12)
+@st.cache_resource(show_spinner="Building the method's embeddings ...", max_entries=4)  # 50k x 5k floats = 1 GB each
 def _method_embeddings(key: str, _imageset: ImageSet, _method):
     from core.explorer import method_embeddings as build
     return build(_method, model_arrays(_imageset, _method.models), eval_rows(_imageset))

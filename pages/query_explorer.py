@@ -51,7 +51,11 @@ with context.guarded():
         st.info("Choose at least one method.")
         st.stop()
     methods = [options[name][0] for name in chosen]
-    scores = [context.method_scores(imageset, m, int(k)) for m in methods]
+
+    def all_scores():
+        """Per-query AP of every eval query under each method: one full evaluation each (cached), only
+        needed to list queries; showing one query needs only its own search."""
+        return [context.method_scores(imageset, m, int(k)) for m in methods]
 
     st.subheader("Pick a query")
     how = st.radio("By", ["thumbnail", "id", "ensemble fixed", "ensemble broke", "hardest"], horizontal=True,
@@ -79,6 +83,7 @@ with context.guarded():
         if picked != current:
             set_query(picked)
     else:
+        scores = all_scores()
         if how == "hardest":
             base = fused[0] if fused else 0
             listed = explorer.hardest_queries(scores[base], "map@k", limit=50)
@@ -152,6 +157,7 @@ with context.guarded():
         qcols[0].image(path, width=112)
     qcols[1].caption(f"{imageset.paths[query]}\n\n🟩 same label · 🟥 other label · number = cosine similarity")
     for i, method in enumerate(methods):
-        sims, positions = explorer.neighbours(context.method_embeddings(imageset, method), position, int(k))
-        ap = float(explorer.ap_values(scores[i])[position])
+        embeddings = context.method_embeddings(imageset, method)
+        sims, positions = explorer.neighbours(embeddings, position, int(k))
+        ap = explorer.query_ap(embeddings, labels, position, int(k))["map@k"]
         results_row(i, sims, positions, ap, labels[position])

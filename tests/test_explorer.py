@@ -131,3 +131,15 @@ def test_tiny_images_are_upscaled(tmp_path):
     from PIL import Image
     with Image.open(thumbnails.thumbnail_path(tmp_path / "t", str(image), 128)) as t:
         assert max(t.size) >= 64
+
+
+def test_one_query_ap_equals_the_full_evaluation(data):
+    arrays, labels = data
+    x = explorer.method_embeddings(explorer.Method("x", ("a", "b"), (1.0, 2.0)), arrays, np.arange(40))
+    full = per_query_scores(x, labels, 5)
+    for q in (0, 13, 39):
+        one = explorer.query_ap(x, labels, q, 5)
+        assert one["map@k"] == pytest.approx(full.ap_at_k[q])
+        assert one["map@k_hits"] == pytest.approx(full.ap_at_k_hits[q])
+        assert one["map@r"] == pytest.approx(full.ap_at_r[q])
+        assert one["p@1"] == full.p_at_1[q]
