@@ -27,16 +27,18 @@ CHECKPOINT_NAME = "checkpoint.pt"
 class HeadConfig:
     """Everything that decides a trained head; stored beside its weights and in the runs table."""
 
-    kind: str = "mlp"  # "mlp" | "project_concat" | "learned_ratio"
-    out_dim: int = 512  # ignored by learned_ratio, whose output is the weighted concat itself
+    # Defaults = the config with the best validation map@k in bench/ablation.py --full-grid on the offline
+    # demo (project_concat x {512,1024,2048} x 4 losses and mlp likewise; chosen on train's validation part).
+    kind: str = "project_concat"  # "mlp" | "project_concat" | "learned_ratio"
+    out_dim: int = 1024  # ignored by learned_ratio, whose output is the weighted concat itself
     hidden_dim: int = 1024  # mlp only; 0 = one linear layer
     dropout: float = 0.1
-    loss: str = "normalized_softmax"  # see LOSSES
+    loss: str = "multi_similarity"  # see LOSSES
     temperature: float = 0.05  # normalized_softmax
-    epochs: int = 30
-    lr: float = 1e-3
+    epochs: int = 20
+    lr: float = 2e-3
     proxy_lr_multiplier: float = 10.0  # proxies (class centres inside the loss) learn faster than the head
-    batch_size: int = 256
+    batch_size: int = 512  # few large steps: also what keeps a CPU epoch short
     weight_decay: float = 1e-4
     m_per_class: int = 0  # >0: class-balanced batches of m per class; 0: plain shuffled batches (auto-balanced for pair losses)
     val_fraction: float = 0.1  # stratified part of TRAIN held out for early stopping

@@ -22,6 +22,19 @@ from core.progress import JobCancelled, Reporter
 K = 10
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core box: one thread avoids OpenMP spin-waiting (several times faster)."""
+    import faiss
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    faiss.omp_set_num_threads(before)
+
+
 def two_noisy_models(per_class: int, seed: int, classes: int = 6):
     """Two "models" whose few class-signal dimensions drown in wide nuisance dimensions: a plain concat
     ranks mostly by nuisance, a head can learn to project it away."""
@@ -44,7 +57,8 @@ def data():
 
 
 def small(**overrides) -> HeadConfig:
-    values = dict(kind="mlp", out_dim=32, hidden_dim=64, epochs=12, lr=2e-3, batch_size=48, patience=12, k=K, seed=0)
+    values = dict(kind="mlp", out_dim=32, hidden_dim=64, loss="normalized_softmax", epochs=12, lr=2e-3, batch_size=48,
+                  patience=12, k=K, seed=0)
     values.update(overrides)
     return HeadConfig(**values)
 
