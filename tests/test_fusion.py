@@ -201,3 +201,28 @@ def test_select_concat_weights_fits_on_train_and_reports_eval():
     assert sel.oracle_eval["map@k"] > sel.selected_eval["map@k"]
     with pytest.raises(ValueError, match="eval-split rows"):
         select_concat_weights([m0, m1], labels, train_rows, np.array([0, 1]), (0, 1), k=5, sweep=_toy_sweep, evaluate=_toy_map)
+
+
+def test_default_search_gives_the_brute_force_answers():
+    models = random_models(n=30)
+    np.testing.assert_array_equal(rank_fusion(models, 5, depth=8), rank_fusion(models, 5, depth=8, search=brute_top_k))
+    np.testing.assert_array_equal(combsum_zscore(models, 5), combsum_zscore(models, 5, search=brute_top_k))
+    x = models[0]
+    np.testing.assert_array_equal(AlphaQueryExpansion(3, 2.0)(x, 5), AlphaQueryExpansion(3, 2.0)(x, 5, search=brute_top_k))
+
+
+def test_select_concat_weights_with_the_real_sweep():
+    from core.metrics import evaluate
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(5), 16)
+    centroids = rng.normal(size=(5, 8)) * 2
+    good = (centroids[labels] + rng.normal(size=(80, 8))).astype(np.float32)
+    noise = rng.normal(size=(80, 6)).astype(np.float32)
+    rows = rng.permutation(80)
+    train_rows, eval_rows = np.sort(rows[:50]), np.sort(rows[50:])
+    sel = select_concat_weights([good, noise], labels, train_rows, eval_rows, (0, 1, 2), k=5)
+    assert sel.selected_weights[0] > 0 and sel.selected_weights[0] >= sel.selected_weights[1]
+    expected = evaluate(weighted_concat([good[eval_rows], noise[eval_rows]], sel.selected_weights), labels[eval_rows], 5)
+    assert sel.selected_eval["map@k"] == pytest.approx(expected["map@k"])
+    assert sel.oracle_eval["map@k"] >= sel.selected_eval["map@k"] - 1e-12
