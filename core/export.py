@@ -45,6 +45,9 @@ def save_ensemble(
             raise ValueError(f"{len(models)} models but {len(weights)} weights")
         if not any(weights) or any(w < 0 for w in weights):
             raise ValueError("weights must be non-negative with at least one above zero")
+        # a zero weight leaves the model out of the concat: leave it out of the artifact too, so
+        # embedding new images never runs a model whose features are thrown away
+        models, weights = [m for m, w in zip(models, weights) if w], [w for w in weights if w]
     if head is not None and len(head.input_dims) != len(models):
         raise ValueError(f"the head fuses {len(head.input_dims)} models but {len(models)} model names were given")
     manifest = {

@@ -48,6 +48,14 @@ def test_weighted_concat_round_trip(dashboard, tmp_path):
     np.testing.assert_allclose(ensemble.embed_images(pil), got[:3], atol=2e-5)
 
 
+def test_zero_weight_models_are_left_out(dashboard, tmp_path):
+    imageset, cached = dashboard
+    artifact = save_ensemble(tmp_path / "ens", MODELS, weights=[0, 2])
+    ensemble = load_ensemble(artifact, device="cpu")
+    assert ensemble.models == MODELS[1:] and ensemble.weights == [2.0]
+    np.testing.assert_allclose(ensemble.embed_images(list(imageset.paths[:4])), weighted_concat(cached, [0, 2])[:4], atol=2e-5)
+
+
 def test_head_round_trip_and_cli_function(dashboard, tmp_path):
     imageset, cached = dashboard
     head = train_fusion_head(cached, imageset.labels, HeadConfig(kind="mlp", out_dim=16, hidden_dim=32, epochs=2,
