@@ -42,6 +42,25 @@ ROWS_PER_PAGE = 50
 FAILURES_SHOWN_FOR_H = 6  # a failed job is announced on the pages for this long, then only on Runs
 
 
+# --- routing -----------------------------------------------------------------------------------------
+
+def _leave_pages_directory_mode() -> None:
+    """Streamlit treats a folder named pages/ beside app.py as the old (v1) multipage layout until app.py
+    has called st.navigation once in this process: a fresh server's first visitor on a deep link
+    (/leaderboard?dataset=...) would get the bare page without app.py's navigation and sidebar. Leave that
+    mode and rerun, so the rerun goes through app.py to the same page. (Private flag; a no-op if it moves.)"""
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:
+        return
+    if getattr(PagesManager, "uses_pages_directory", False):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+_leave_pages_directory_mode()  # runs once per process, on the first import by any page or app.py
+
+
 # --- resources (one per process) ---------------------------------------------------------------------
 
 def workspace() -> Workspace:
