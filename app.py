@@ -13,6 +13,8 @@ from pages import context
 st.set_page_config(page_title="Ensemble Explorer", page_icon=":material/hub:", layout="wide")
 
 P = context.PAGES
+# url_path = the file's stem: Streamlit's old pages/-folder routing, which answers a fresh server's first
+# request, then finds the same page (see pages/context.py, _leave_pages_directory_mode).
 navigation = st.navigation({
     "Start": [st.Page(P["start"], title="Start", icon=":material/home:", default=True, url_path="start")],
     "Evaluate": [
@@ -22,8 +24,8 @@ navigation = st.navigation({
         st.Page(P["fusion"], title="Fusion heads", icon=":material/model_training:", url_path="fusion"),
     ],
     "Inspect": [
-        st.Page(P["explorer"], title="Query explorer", icon=":material/image_search:", url_path="explorer"),
-        st.Page(P["map"], title="Embedding map", icon=":material/scatter_plot:", url_path="map"),
+        st.Page(P["explorer"], title="Query explorer", icon=":material/image_search:", url_path="query_explorer"),
+        st.Page(P["map"], title="Embedding map", icon=":material/scatter_plot:", url_path="embedding_map"),
         st.Page(P["runs"], title="Runs", icon=":material/history:", url_path="runs"),
     ],
 })

@@ -37,6 +37,7 @@ class Entry:
     is_oracle: bool = False
     promoted: bool = False
     head_path: str | None = None
+    stored_weights: tuple[float, ...] | None = None  # as recorded (a sweep's (0, 2, 0) stays that, not "model b")
 
     @property
     def k(self) -> int | None:
@@ -66,7 +67,7 @@ def entry_from_result(result: db.Result) -> Entry:
     run = result.run
     extra = dict(result.extra or {})
     kind_of_run = extra.get("source_run_kind", run.kind)
-    weights = tuple(float(w) for w in result.weights) if result.weights is not None else None
+    weights = stored = tuple(float(w) for w in result.weights) if result.weights is not None else None
     models = tuple(extra.get("models") or ())
     head_path = extra.get("head_path")
     if kind_of_run == "train_head" or head_path:
@@ -84,7 +85,7 @@ def entry_from_result(result: db.Result) -> Entry:
     method = result.method if kind != "single" else models[0]
     oracle = bool(result.is_oracle) and kind != "single"  # a model alone has no tuned weights
     return Entry(result.id, run.id, run.kind, method, kind, models, weights, dict(result.metrics or {}),
-                 oracle, run.kind == PROMOTE_KIND, head_path)
+                 oracle, run.kind == PROMOTE_KIND, head_path, stored)
 
 
 def entries_for_dataset(engine: Engine, fingerprint: str) -> list[Entry]:
@@ -241,23 +242,32 @@ def runs_for_dataset(engine: Engine, fingerprint: str, kind: str | None = None, 
 def sweep_rows(entries: Sequence[Entry], models: Sequence[str], metric: str = "map@k") -> list[dict]:
     """A sweep's rows ranked by `metric`, one weight column per model, and each row's ratio class:
     weight vectors that are multiples of each other rank identically, so they share a class and
-    `same_as` names the first (smallest) vector of the class."""
+    `same as` names the first (smallest) vector of the class."""
     if not entries:
         return []
     models = tuple(models)
+
+    def weights_of(e: Entry) -> tuple[float, ...]:
+        if e.stored_weights is not None:
+            return e.stored_weights
+        return tuple(1.0 if m in e.used_models else 0.0 for m in models)
+
+    def ratio_of(w: tuple[float, ...]) -> tuple[float, ...]:
+        top = max(w)
+        return tuple(round(x / top, 9) for x in w)
+
     first_of: dict[tuple, tuple] = {}
-    for e in sorted(entries, key=lambda e: (sum(e.weights or ()), e.weights or ())):
-        first_of.setdefault(e.ratio if e.weights else (e.models[0],), e.weights)
+    for w in sorted((weights_of(e) for e in entries), key=lambda w: (sum(w), w)):
+        first_of.setdefault(ratio_of(w), w)
     classes = {ratio: i for i, ratio in enumerate(first_of)}
     out = []
     for rank, e in enumerate(sorted(entries, key=lambda e: -_finite(e.score(metric))), start=1):
-        weights = e.weights if e.weights is not None else tuple(1.0 if m in e.used_models else 0.0 for m in models)
-        key = e.ratio if e.weights else (e.models[0],)
-        same = first_of.get(key)
-        out.append({"rank": rank, "method": e.method if e.kind != "single" else e.models[0],
-                    **{f"w:{m}": w for m, w in zip(models, weights)},
+        w = weights_of(e)
+        same = first_of[ratio_of(w)]
+        out.append({"rank": rank, "method": e.method,
+                    **{f"w:{m}": x for m, x in zip(models, w)},
                     **{k: e.score(k) for k in METRIC_KEYS},
-                    "ratio class": classes.get(key), "same as": "" if same == e.weights or same is None else
-                    ", ".join(f"{w:g}" for w in same),
+                    "ratio class": classes[ratio_of(w)],
+                    "same as": "" if same == w else ", ".join(f"{x:g}" for x in same),
                     "oracle": True, "result_id": e.result_id})
     return out

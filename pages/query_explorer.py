@@ -57,61 +57,61 @@ with context.guarded():
         needed to list queries; showing one query needs only its own search."""
         return [context.method_scores(imageset, m, int(k)) for m in methods]
 
-    st.subheader("Pick a query")
-    how = st.radio("By", ["thumbnail", "id", "ensemble fixed", "ensemble broke", "hardest"], horizontal=True,
-                   key="explorer:how")
-    # "Fixed / broke" compares the first chosen ensemble with the first chosen single model (by default the best one).
-    singles = [i for i, m in enumerate(methods) if len(m.models) == 1 and not m.head_path]
-    fused = [i for i, m in enumerate(methods) if i not in singles]
+    with st.expander("Pick a query", expanded="query" not in st.query_params, icon=":material/search:"):
+        how = st.radio("By", ["thumbnail", "id", "ensemble fixed", "ensemble broke", "hardest"], horizontal=True,
+                       key="explorer:how")
+        # "Fixed / broke" compares the first chosen ensemble with the first chosen single model (by default the best one).
+        singles = [i for i, m in enumerate(methods) if len(m.models) == 1 and not m.head_path]
+        fused = [i for i, m in enumerate(methods) if i not in singles]
 
-    if how == "thumbnail":
-        cls = st.selectbox("Class", ["all", *imageset.class_names], key="explorer:class")
-        pool = np.arange(len(rows)) if cls == "all" else np.flatnonzero(labels == imageset.class_names.index(cls))
-        pages = max(1, -(-len(pool) // GRID))
-        page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="explorer:grid_page") if pages > 1 else 1
-        cells = st.columns(8)
-        for i, position in enumerate(pool[(page - 1) * GRID: page * GRID]):
-            row = int(rows[position])
-            with cells[i % 8]:
-                path = context.thumb(imageset, row, 96)
-                if path:
-                    st.image(path, width=72)
-                st.button(f"#{row}", key=f"explorer:pick:{row}", on_click=set_query, args=(row,))
-    elif how == "id":
-        current = int(st.query_params.get("query", rows[0]))
-        picked = st.number_input("Image id (dataset row, eval split)", 0, len(imageset) - 1, current, key="explorer:id")
-        if picked != current:
-            set_query(picked)
-    else:
-        scores = all_scores()
-        if how == "hardest":
-            base = fused[0] if fused else 0
-            listed = explorer.hardest_queries(scores[base], "map@k", limit=50)
-            frame = pd.DataFrame([{"id": int(rows[p]), "class": imageset.class_names[labels[p]],
-                                   f"AP@{k} ({chosen[base]})": v} for p, v in listed])
-        elif not singles or not fused:
-            st.info("Choose one single model and one ensemble (or head) to see where the ensemble fixed or broke queries.")
-            frame = pd.DataFrame()
+        if how == "thumbnail":
+            cls = st.selectbox("Class", ["all", *imageset.class_names], key="explorer:class")
+            pool = np.arange(len(rows)) if cls == "all" else np.flatnonzero(labels == imageset.class_names.index(cls))
+            pages = max(1, -(-len(pool) // GRID))
+            page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="explorer:grid_page") if pages > 1 else 1
+            cells = st.columns(8)
+            for i, position in enumerate(pool[(page - 1) * GRID: page * GRID]):
+                row = int(rows[position])
+                with cells[i % 8]:
+                    path = context.thumb(imageset, row, 96)
+                    if path:
+                        st.image(path, width=72)
+                    st.button(f"#{row}", key=f"explorer:pick:{row}", on_click=set_query, args=(row,))
+        elif how == "id":
+            current = int(st.query_params.get("query", rows[0]))
+            picked = st.number_input("Image id (dataset row, eval split)", 0, len(imageset) - 1, current, key="explorer:id")
+            if picked != current:
+                set_query(picked)
         else:
-            single, ens = singles[0], fused[0]
-            listed = explorer.changed_queries(scores[ens], scores[single], "map@k", improved=how == "ensemble fixed")
-            ap_s, ap_e = explorer.ap_values(scores[single]), explorer.ap_values(scores[ens])
-            frame = pd.DataFrame([{"id": int(rows[p]), "class": imageset.class_names[labels[p]],
-                                   f"AP@{k} single": ap_s[p], f"AP@{k} ensemble": ap_e[p], "change": d}
-                                  for p, d in listed])
-            st.caption(f"Single: {chosen[single]} · ensemble: {chosen[ens]} · {len(listed)} queries shown (most changed first)")
-        if not frame.empty:
-            picked = st.dataframe(frame, hide_index=True, key=f"explorer:list:{how}", on_select="rerun",
-                                  selection_mode="single-row")
-            if picked and picked.selection.rows:
-                set_query(frame.iloc[picked.selection.rows[0]]["id"])
-        elif how != "hardest":
-            pass
-        else:
-            st.info("No query to list.")
+            scores = all_scores()
+            if how == "hardest":
+                base = fused[0] if fused else 0
+                listed = explorer.hardest_queries(scores[base], "map@k", limit=50)
+                frame = pd.DataFrame([{"id": int(rows[p]), "class": imageset.class_names[labels[p]],
+                                       f"AP@{k} ({chosen[base]})": v} for p, v in listed])
+            elif not singles or not fused:
+                st.info("Choose one single model and one ensemble (or head) to see where the ensemble fixed or broke queries.")
+                frame = pd.DataFrame()
+            else:
+                single, ens = singles[0], fused[0]
+                listed = explorer.changed_queries(scores[ens], scores[single], "map@k", improved=how == "ensemble fixed")
+                ap_s, ap_e = explorer.ap_values(scores[single]), explorer.ap_values(scores[ens])
+                frame = pd.DataFrame([{"id": int(rows[p]), "class": imageset.class_names[labels[p]],
+                                       f"AP@{k} single": ap_s[p], f"AP@{k} ensemble": ap_e[p], "change": d}
+                                      for p, d in listed])
+                st.caption(f"Single: {chosen[single]} · ensemble: {chosen[ens]} · {len(listed)} queries shown (most changed first)")
+            if not frame.empty:
+                picked = st.dataframe(frame, hide_index=True, key=f"explorer:list:{how}", on_select="rerun",
+                                      selection_mode="single-row")
+                if picked and picked.selection.rows:
+                    set_query(frame.iloc[picked.selection.rows[0]]["id"])
+            elif how != "hardest":
+                pass
+            else:
+                st.info("No query to list.")
 
-    upload = st.file_uploader("…or search with your own image (PNG/JPEG, up to 10 MB)", type=["png", "jpg", "jpeg"],
-                              key="explorer:upload")
+        upload = st.file_uploader("…or search with your own image (PNG/JPEG, up to 10 MB)", type=["png", "jpg", "jpeg"],
+                                  key="explorer:upload")
 
     def results_row(method_index: int, sims, positions, ap: float | None, query_label: int | None) -> None:
         head = f"**{chosen[method_index]}**" + (f" — AP@{k} {ap:.3f}" if ap is not None and ap == ap else "")
@@ -120,7 +120,7 @@ with context.guarded():
         for cell, sim, position in zip(cells, sims, positions):
             row = int(rows[position])
             hit = query_label is not None and labels[position] == query_label
-            mark = "" if query_label is None else ("🟩 " if hit else "🟥 ")
+            mark = "" if query_label is None else (":green[**✔ hit**] " if hit else ":red[**✘ miss**] ")
             with cell:
                 path = context.thumb(imageset, row, 96)
                 if path:
@@ -155,7 +155,8 @@ with context.guarded():
     path = context.thumb(imageset, query, 128)
     if path:
         qcols[0].image(path, width=112)
-    qcols[1].caption(f"{imageset.paths[query]}\n\n🟩 same label · 🟥 other label · number = cosine similarity")
+    qcols[1].caption(f"{imageset.paths[query]}\n\n:green[**✔ hit**] same label · :red[**✘ miss**] other label · "
+                     "number = cosine similarity · #id = image id")
     for i, method in enumerate(methods):
         embeddings = context.method_embeddings(imageset, method)
         sims, positions = explorer.neighbours(embeddings, position, int(k))

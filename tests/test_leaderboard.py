@@ -25,7 +25,8 @@ def engine(tmp_path):
                                  {"method": A, "metrics": metrics(0.55, k=5)}])
         sw = db.start_run(s, kind="sweep", dataset_id=d.id, config={"models": [A, B]})
         rows = []
-        for w, value in [((1, 0), 0.50), ((0, 1), 0.40), ((1, 1), 0.58), ((2, 2), 0.58), ((2, 1), 0.60), ((1, 2), 0.45)]:
+        for w, value in [((1, 0), 0.50), ((0, 1), 0.40), ((1, 1), 0.58), ((2, 2), 0.58), ((2, 1), 0.60), ((1, 2), 0.45),
+                         ((2, 0), 0.50)]:
             rows.append({"method": f"w{w}", "weights": list(w), "metrics": metrics(value), "is_oracle": True,
                          "extra": {"models": [A, B], "ratio": [x / max(w) for x in w]}})
         db.finish_run(s, sw.id, rows)
@@ -92,12 +93,13 @@ def test_sweep_rows_mark_ratio_equivalent_weights(engine):
     sweep = next(r for r in lb.runs_for_dataset(engine, "fp", "sweep"))
     run, entries = lb.run_results(engine, sweep.id)
     table = lb.sweep_rows(entries, run.config["models"])
-    assert [r["rank"] for r in table] == list(range(1, 7))
+    assert [r["rank"] for r in table] == list(range(1, 8))
     by_weights = {(r[f"w:{A}"], r[f"w:{B}"]): r for r in table}
     assert by_weights[(2, 2)]["same as"] == "1, 1"
     assert by_weights[(1, 1)]["same as"] == ""
     assert by_weights[(2, 2)]["ratio class"] == by_weights[(1, 1)]["ratio class"]
     assert by_weights[(1, 0)]["method"] == A and by_weights[(1, 0)]["same as"] == ""
+    assert by_weights[(2, 0)]["method"] == A and by_weights[(2, 0)]["same as"] == "1, 0"
 
 
 def test_markdown_export():

@@ -223,7 +223,7 @@ def test_query_explorer_shows_methods_side_by_side(monkeypatch, seeded):
     no_exception(at)
     assert len(at.multiselect(key="explorer:methods").value) == 2
     assert any(s.value.startswith("Query #") for s in at.subheader)
-    marks = [c.value for c in at.caption if c.value.startswith(("🟩", "🟥"))]
+    marks = [c.value for c in at.caption if c.value.startswith((":green[", ":red["))]
     assert len(marks) == 2 * 10 or len(marks) == 2 * 11  # k=10 per method (11 eval neighbours available)
     assert len(at.get("plotly_chart")) == 0
     # pick the query by clicking a thumbnail; the URL keeps it
