@@ -195,9 +195,9 @@ def show_jobs(kinds: tuple[str, ...] | None = None, key: str = "jobs") -> None:
             cols = st.columns([5, 1])
             text = f"{job_label(job)} — {job.status}: {job.message or ''}"
             cols[0].progress(min(max(float(job.progress or 0.0), 0.0), 1.0), text=text)
-            if cols[1].button("Cancel", key=f"{key}:cancel:{job.id}", disabled=bool(job.cancel_requested)):
-                jobs.request_cancel(eng, job.id)
-                st.rerun(scope="fragment")
+            # A callback, so the click is recorded before the (fragment or full) rerun draws the panel again.
+            cols[1].button("Cancel", key=f"{key}:cancel:{job.id}", disabled=bool(job.cancel_requested),
+                           on_click=jobs.request_cancel, args=(eng, job.id))
         recent = utcnow() - dt.timedelta(hours=FAILURES_SHOWN_FOR_H)
         failed = [j for j in jobs.list_jobs(eng, status=jobs.FAILED, limit=5)
                   if (kinds is None or j.kind in kinds) and j.finished and j.finished > recent]

@@ -73,8 +73,8 @@ with context.guarded():
             figure = curve_figure(job.run_id, int(job.params.get("k", 50)))
             if figure is not None:
                 st.plotly_chart(figure, key=f"fusion:live:{job.id}")
-            if st.button("Stop training", key=f"fusion:stop:{job.id}", icon=":material/stop:"):
-                jobs.request_cancel(engine, job.id)
+            st.button("Stop training", key=f"fusion:stop:{job.id}", icon=":material/stop:",
+                      disabled=bool(job.cancel_requested), on_click=jobs.request_cancel, args=(engine, job.id))
     live_curves()
 
     st.subheader("Finished heads")

@@ -371,3 +371,40 @@ def test_the_dataset_survives_a_restart_through_the_db(monkeypatch, seeded):
     no_exception(at)
     assert at.query_params["dataset"] in (seeded["source"], [seeded["source"]])
     assert at.query_params["k"] in (str(K), [str(K)])
+
+
+def test_a_running_job_shows_progress_and_can_be_cancelled(monkeypatch, tmp_path, seeded):
+    root = tmp_path / "busy"
+    engine = db.make_engine(Workspace.open(root).db_url)
+    db.init_db(engine)
+    job = jobs.submit(engine, "extract", {"dataset": seeded["source"], "models": ["random:test_vit"]})
+    jobs.claim(engine, "test-worker")
+    jobs.report_progress(engine, job.id, 0.4, "random:test_vit: 8/24 images", worker_id="test-worker")
+    at = app(monkeypatch, root, "pages/data.py", dataset=seeded["source"])
+    no_exception(at)
+    bars = [p for p in at.get("progress")]
+    assert bars and abs(bars[0].value - 40) <= 1 or abs(bars[0].value - 0.4) < 1e-6
+    at = at.button(key=f"data:jobs:cancel:{job.id}").click().run()
+    no_exception(at)
+    assert jobs.get_job(engine, job.id).cancel_requested
+
+
+def test_fusion_page_shows_live_curves_and_stops_training(monkeypatch, tmp_path, seeded):
+    root = tmp_path / "training"
+    engine = db.make_engine(Workspace.open(root).db_url)
+    db.init_db(engine)
+    job = jobs.submit(engine, "train_head", {"dataset": seeded["source"], "models": MODELS, "head": {"epochs": 9}})
+    jobs.claim(engine, "test-worker")
+    with db.begin_immediate(engine) as s:
+        run = db.start_run(s, kind="train_head", title="mlp", job_id=job.id)
+        for epoch, loss in enumerate([2.0, 1.5, 1.2], start=1):
+            db.add_curve_point(s, run.id, epoch, {"epoch": epoch, "loss": loss, "val_map": 0.1 * epoch,
+                                                  "eval_map": 0.09 * epoch})
+    at = app(monkeypatch, root, "pages/fusion.py", dataset=seeded["source"])
+    no_exception(at)
+    assert any(m.value.startswith(f"**Live: job {job.id}**") for m in at.markdown)
+    assert len(at.get("plotly_chart")) == 1
+    assert "No trained heads on this dataset yet" in texts(at)
+    at = at.button(key=f"fusion:stop:{job.id}").click().run()
+    no_exception(at)
+    assert jobs.get_job(engine, job.id).cancel_requested
