@@ -181,16 +181,22 @@ class WeightedConcatScorer:
         return rel
 
     def _exact_relevance(self, a: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """Full-gallery rankings for (weights, query) pairs the bound could not certify: the fallback
-        that keeps every number exact. P x depth relevance."""
+        """Full-gallery rankings for the (weights, query) pairs the bound could not certify: the
+        fallback that keeps every number exact. Each query's per-model similarity rows are computed
+        once for all its pairs. Returns P x depth relevance."""
         out = torch.empty((len(queries), self.depth), dtype=torch.bool, device=self.device)
-        rows = max(1, CHUNK_BYTES // (4 * self.n * (len(self.models) + 1)))
-        for s in range(0, len(queries), rows):
-            q = queries[s:s + rows]
-            fused = sum(a[s:s + rows, m, None] * (x[q] @ x.T) for m, x in enumerate(self.models))
-            fused[torch.arange(len(q), device=self.device), q] = -torch.inf
-            order = torch.sort(fused, dim=1, descending=True, stable=True).indices[:, :self.depth]
-            out[s:s + rows] = self._label_codes[order] == self._label_codes[q, None]
+        unique, which = torch.unique(queries, return_inverse=True)
+        per_chunk = max(1, CHUNK_BYTES // (4 * self.n * (len(self.models) + 1)))
+        for s in range(0, len(unique), per_chunk):
+            chunk = unique[s:s + per_chunk]
+            rows = torch.stack([x[chunk] @ x.T for x in self.models], dim=1)  # U x M x n
+            pairs = torch.nonzero((which >= s) & (which < s + len(chunk))).squeeze(1)
+            for p in range(0, len(pairs), per_chunk):
+                part = pairs[p:p + per_chunk]
+                fused = torch.einsum("pmn,pm->pn", rows[which[part] - s], a[part])
+                fused[torch.arange(len(part), device=self.device), queries[part]] = -torch.inf  # not itself
+                order = torch.sort(fused, dim=1, descending=True, stable=True).indices[:, :self.depth]
+                out[part] = self._label_codes[order] == self._label_codes[queries[part], None]
         return out
 
 
