@@ -107,7 +107,7 @@ class Ensemble:
         """PIL images or image paths -> N x dim float32, L2-normalised, as the dashboard would embed them."""
         import torch
 
-        from core.extract import _embed_batch  # the same batch step extraction uses (autocast on CUDA)
+        from core.extract import embed_batch  # the same batch step extraction uses (autocast on CUDA)
 
         models = self._models()
         outputs: list[list[np.ndarray]] = [[] for _ in models]
@@ -116,7 +116,7 @@ class Ensemble:
                 pil = [_as_rgb(image) for image in images[start : start + batch_size]]
                 for out, model in zip(outputs, models):
                     batch = torch.stack([model.preprocess(image) for image in pil])
-                    out.append(_embed_batch(model, batch, self.device))
+                    out.append(embed_batch(model, batch, self.device))
         if not images:
             return np.zeros((0, self.dim), np.float32)
         return self.embed_arrays([np.concatenate(out) for out in outputs])

@@ -47,7 +47,7 @@ def _collate(items):
     return rows, per_model
 
 
-def _embed_batch(model: EmbeddingModel, batch: torch.Tensor, device: str) -> np.ndarray:
+def embed_batch(model: EmbeddingModel, batch: torch.Tensor, device: str) -> np.ndarray:
     on_cuda = device.startswith("cuda")
     batch = batch.to(device, non_blocking=True)
     if on_cuda and model.is_torch_module:
@@ -97,7 +97,7 @@ def _run(imageset: ImageSet, models: list[EmbeddingModel], device: str, batch_si
             reporter.check_cancel()
             index = rows.numpy()
             for position, (model, batch) in enumerate(zip(models, inputs)):
-                features = _embed_batch(model, batch, device)
+                features = embed_batch(model, batch, device)
                 if outputs[position] is None:
                     outputs[position] = np.empty((n, features.shape[1]), dtype=np.float32)
                 outputs[position][index] = features
