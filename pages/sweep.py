@@ -65,10 +65,13 @@ with context.guarded():
     st.caption(f"{len(table)} weight vectors over {', '.join(models)}, k={run.config.get('k', 50)}; "
                "vectors in the same ratio class rank identically ('same as').")
 
+    distinct = st.toggle("One row per ratio class (multiples of a weight vector rank identically)", value=True,
+                         key="sweep:distinct")
+    listed = [r for r in table if not r["same as"]] if distinct else table
     page_size = context.ROWS_PER_PAGE
-    pages = max(1, -(-len(table) // page_size))
+    pages = max(1, -(-len(listed) // page_size))
     page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="sweep:page") if pages > 1 else 1
-    shown = table[(page - 1) * page_size: page * page_size]
+    shown = listed[(page - 1) * page_size: page * page_size]
     picked = st.dataframe(pd.DataFrame(shown), hide_index=True, key="sweep:table", on_select="rerun",
                           selection_mode="single-row",
                           column_config={m: st.column_config.NumberColumn(format="%.4f") for m in METRIC_KEYS})

@@ -196,6 +196,8 @@ def test_sweep_page_shows_ranked_vectors_heatmap_and_promotes(monkeypatch, seede
     at = app(monkeypatch, seeded["workspace"].root, "pages/sweep.py", dataset=seeded["source"])
     no_exception(at)
     assert "oracle (tuned on eval)" in texts(at)
+    assert len(table(at, "rank", "ratio class", "same as")) == 5  # (2,2), (2,0), (0,2) fold into (1,1), (1,0), (0,1)
+    at.toggle(key="sweep:distinct").set_value(False).run()
     ranked = table(at, "rank", "ratio class", "same as")
     assert len(ranked) == 3 ** 2 - 1
     # (1, 1) and (2, 2) rank identically: one ratio class, the larger named as the same as the smaller
