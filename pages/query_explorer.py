@@ -158,7 +158,6 @@ with context.guarded():
     qcols[1].caption(f"{imageset.paths[query]}\n\n:green[**✔ hit**] same label · :red[**✘ miss**] other label · "
                      "number = cosine similarity · #id = image id")
     for i, method in enumerate(methods):
-        embeddings = context.method_embeddings(imageset, method)
-        sims, positions = explorer.neighbours(embeddings, position, int(k))
-        ap = explorer.query_ap(embeddings, labels, position, int(k))["map@k"]
+        sims, positions, ap = explorer.query_view(context.method_embeddings(imageset, method), labels, position, int(k))
+        ap = ap["map@k"]
         results_row(i, sims, positions, ap, labels[position])

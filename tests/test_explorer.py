@@ -143,3 +143,20 @@ def test_one_query_ap_equals_the_full_evaluation(data):
         assert one["map@k_hits"] == pytest.approx(full.ap_at_k_hits[q])
         assert one["map@r"] == pytest.approx(full.ap_at_r[q])
         assert one["p@1"] == full.p_at_1[q]
+
+
+def test_one_query_search_matches_the_default_backend(data):
+    """The single-query backend gives exactly core.search's answer (order, ties by index)."""
+    from core.search import top_k
+    arrays, labels = data
+    x = l2_normalize(np.round(arrays["a"], 1))  # rounding makes ties
+    x = np.concatenate([x, x[:5]])  # exact duplicates too
+    for q in (0, 3, 44):
+        mine = top_k(x[q:q + 1], x, 12, backend=explorer.ONE_QUERY)
+        reference = top_k(x[q:q + 1], x, 12)
+        np.testing.assert_array_equal(mine[1], reference[1])
+        np.testing.assert_allclose(mine[0], reference[0], rtol=1e-6)
+    sims, ids, ap = explorer.query_view(x[:40], labels, 7, 5)
+    assert len(ids) == 5 and 7 not in ids
+    np.testing.assert_array_equal(ids, explorer.neighbours(x[:40], 7, 5)[1])
+    assert ap["map@k"] == pytest.approx(per_query_scores(x[:40], labels, 5).ap_at_k[7])
