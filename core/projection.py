@@ -24,7 +24,10 @@ def sample_positions(labels: np.ndarray, max_points: int, seed: int = 0) -> np.n
         members = np.flatnonzero(labels == label)
         take = max(1, int(round(max_points * len(members) / n)))
         picked.append(rng.choice(members, size=min(take, len(members)), replace=False))
-    return np.sort(np.concatenate(picked))[:max_points] if sum(map(len, picked)) > max_points else np.sort(np.concatenate(picked))
+    positions = np.concatenate(picked)
+    if len(positions) > max_points:  # rounding up small classes can overshoot; drop at random, never a whole class
+        positions = rng.choice(positions, size=max_points, replace=False)
+    return np.sort(positions)
 
 
 def project(embeddings: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
