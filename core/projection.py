@@ -25,7 +25,7 @@ def sample_positions(labels: np.ndarray, max_points: int, seed: int = 0) -> np.n
         take = max(1, int(round(max_points * len(members) / n)))
         picked.append(rng.choice(members, size=min(take, len(members)), replace=False))
     positions = np.concatenate(picked)
-    if len(positions) > max_points:  # rounding up small classes can overshoot; drop at random, never a whole class
+    if len(positions) > max_points:  # rounding small classes up to one point can overshoot: drop some at random
         positions = rng.choice(positions, size=max_points, replace=False)
     return np.sort(positions)
 

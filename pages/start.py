@@ -29,8 +29,9 @@ with context.guarded():
     st.write(
         "The demo uses 1,000 Fashion-MNIST eval images (100 per class) and 3,000 train images shipped with this "
         f"machine, and four packaged models ({', '.join(catalog.DEMO_MODELS)}). One click queues the extraction, "
-        "the evaluation and a small weight sweep, and starts a worker if none is running. On a CPU the "
-        "extraction takes a few minutes; every page works as soon as it is done."
+        "the evaluation and a small weight sweep, and starts a worker if none is running. Extraction (4,000 images "
+        "x 4 models) takes a minute or two on a GPU and can take an hour on a small CPU; progress shows below, "
+        "and every page works as soon as it is done."
     )
     if st.button("Prepare the offline demo", key="start:demo", type="primary", icon=":material/rocket_launch:"):
         if not jobs.worker_alive(engine):
