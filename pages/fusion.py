@@ -7,7 +7,7 @@ import streamlit as st
 
 from core import catalog, db, jobs
 from core import leaderboard as lb
-from core.heads import HEAD_KINDS, LOSSES
+from core.heads import HEAD_KINDS, LOSSES, HeadConfig
 from core.metrics import METRIC_KEYS
 from pages import context
 
@@ -46,13 +46,14 @@ with context.guarded():
     with st.form("fusion:form"):
         models = st.multiselect("Models", cached, default=cached[:4], key="fusion:models")
         cols = st.columns(3)
-        kind = cols[0].selectbox("Head", HEAD_KINDS, key="fusion:kind",
+        defaults = HeadConfig()  # core's tuned defaults
+        kind = cols[0].selectbox("Head", HEAD_KINDS, index=HEAD_KINDS.index(defaults.kind), key="fusion:kind",
                                  help="mlp: concat → MLP; project_concat: per-model projections; learned_ratio: learn concat weights")
-        loss = cols[1].selectbox("Loss", LOSSES, key="fusion:loss")
-        out_dim = cols[2].number_input("Output dim", 8, 8192, 512, step=64, key="fusion:out_dim")
+        loss = cols[1].selectbox("Loss", LOSSES, index=LOSSES.index(defaults.loss), key="fusion:loss")
+        out_dim = cols[2].number_input("Output dim", 8, 8192, defaults.out_dim, step=64, key="fusion:out_dim")
         cols = st.columns(3)
-        epochs = cols[0].number_input("Epochs", 1, 500, 30, key="fusion:epochs")
-        lr = cols[1].number_input("Learning rate", 1e-6, 1.0, 1e-3, format="%.5f", key="fusion:lr")
+        epochs = cols[0].number_input("Epochs", 1, 500, defaults.epochs, key="fusion:epochs")
+        lr = cols[1].number_input("Learning rate", 1e-6, 1.0, defaults.lr, format="%.5f", key="fusion:lr")
         k = cols[2].number_input("k (map@k)", 1, 1000, 50, key="fusion:k")
         if st.form_submit_button("Train head", type="primary", icon=":material/model_training:", disabled=n_train == 0):
             if not models:

@@ -410,3 +410,22 @@ def test_fusion_page_shows_live_curves_and_stops_training(monkeypatch, tmp_path,
     at = at.button(key=f"fusion:stop:{job.id}").click().run()
     no_exception(at)
     assert jobs.get_job(engine, job.id).cancel_requested
+
+
+def test_fusion_form_queues_a_head_with_core_defaults(monkeypatch, tmp_path, seeded):
+    from core.heads import HeadConfig
+    root = tmp_path / "train"
+    at = app(monkeypatch, root, "pages/fusion.py", dataset=seeded["source"])
+    # this workspace has no cached embeddings: the form offers no models and says so on submit
+    at = next(b for b in at.button if b.label == "Train head").click().run()
+    no_exception(at)
+    assert any("Choose at least one model" in w.value for w in at.warning)
+    at = app(monkeypatch, seeded["workspace"].root, "pages/fusion.py", dataset=seeded["source"])
+    assert at.selectbox(key="fusion:kind").value == HeadConfig().kind
+    at.number_input(key="fusion:epochs").set_value(3)
+    at = next(b for b in at.button if b.label == "Train head").click().run()
+    no_exception(at)
+    engine = db.make_engine(seeded["workspace"].db_url)
+    job = jobs.list_jobs(engine, kind="train_head")[0]
+    assert job.params["head"]["epochs"] == 3 and job.params["models"] == MODELS
+    jobs.request_cancel(engine, job.id)
