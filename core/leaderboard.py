@@ -225,6 +225,7 @@ def run_results(engine: Engine, run_id: int) -> tuple[db.Run | None, list[Entry]
         run = db.get_run(session, run_id)
         if run is None:
             return None, []
+        _ = run.dataset  # loaded now: pages read run.dataset.source after the session is gone
         return run, [entry_from_result(r) for r in run.results]
 
 

@@ -48,7 +48,8 @@ with context.guarded():
                 path = context.thumb(imageset, row, 96)
                 if path:
                     st.image(path, width=80)
-                st.page_link(context.PAGES["explorer"], label=f"#{row}", query_params={"query": str(row)})
+                st.page_link(context.PAGES["explorer"], label=f"Open #{row}", icon=":material/image_search:",
+                             query_params={"query": str(row), "dataset": context.current_source()})
     else:
         st.caption("Hover a point for its id and class; click or lasso points to see their images and open one "
                    "in the query explorer.")

@@ -82,7 +82,7 @@ with context.guarded():
         row = table[chosen[0]]
         ids = [row["result_id"]] + ([best.result_id] if best and best.result_id != row["result_id"] else [])
         st.page_link(context.PAGES["explorer"], label=f"Explore queries: {row['method']} vs best single",
-                     icon=":material/image_search:", query_params={"methods": ",".join(map(str, ids))})
+                     icon=":material/image_search:", query_params={"methods": ",".join(map(str, ids)), "dataset": source})
     context.download_buttons(table, f"leaderboard-{imageset.name}-k{k}", "lb:export")
 
     figure = go.Figure(go.Bar(

@@ -84,7 +84,7 @@ with context.guarded():
                             key="runs:bar")
         if run.kind == "sweep":
             st.page_link(context.PAGES["sweep"], label="Open this sweep's heatmap", icon=":material/tune:",
-                         query_params={"sweep": str(run.id)})
+                         query_params={"sweep": str(run.id), **({"dataset": run.dataset.source} if run.dataset else {})})
         if run.kind == "train_head":
             with db.read_session(engine) as session:
                 points = [p.values for p in db.curve(session, run.id)]
