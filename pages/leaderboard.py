@@ -86,7 +86,8 @@ with context.guarded():
     context.download_buttons(table, f"leaderboard-{imageset.name}-k{k}", "lb:export")
 
     figure = go.Figure(go.Bar(
-        x=[r[metric] for r in table[:20]], y=[r["method"] for r in table[:20]], orientation="h",
+        x=[r[metric] for r in table[:20]], y=[f"{i}. {r['method']}" for i, r in enumerate(table[:20], start=1)],
+        orientation="h",
         marker_color=["#9e9e9e" if r["type"] == "single" else "#1f77b4" for r in table[:20]],
         text=[f"{r[metric]:.4f}" for r in table[:20]], textposition="auto"))
     if best is not None:

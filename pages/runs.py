@@ -19,7 +19,7 @@ KINDS = ["all", "extract", "evaluate", "sweep", "train_head", "promote"]
 
 def result_table(entries) -> list[dict]:
     return [{"method": e.method, "type": e.kind, "models": " + ".join(e.used_models),
-             "weights": ", ".join(f"{w:g}" for w in e.weights) if e.weights else "",
+             "weights": ", ".join(f"{w:g}" for w in e.stored_weights) if e.stored_weights else "",
              **{m: e.score(m) for m in METRIC_KEYS}, "k": e.k, "oracle": e.is_oracle, "result_id": e.result_id}
             for e in entries]
 
@@ -79,7 +79,10 @@ with context.guarded():
                          column_config={m: st.column_config.NumberColumn(format="%.4f") for m in METRIC_KEYS})
             context.download_buttons(table, f"run-{run.id}", "runs:export")
             top = sorted(table, key=lambda r: -(r["map@k"] if r["map@k"] == r["map@k"] else -1))[:20]
-            st.plotly_chart(go.Figure(go.Bar(x=[r["map@k"] for r in top], y=[r["method"] for r in top], orientation="h"))
+            # Numbered labels: a sweep holds the same method under several weight vectors (bars must not stack).
+            st.plotly_chart(go.Figure(go.Bar(x=[r["map@k"] for r in top],
+                                             y=[f"{i}. {r['method']}" for i, r in enumerate(top, start=1)],
+                                             orientation="h"))
                             .update_layout(title="map@k", yaxis={"autorange": "reversed"}, height=120 + 26 * len(top)),
                             key="runs:bar")
         if run.kind == "sweep":
