@@ -104,7 +104,7 @@ def cached_sets(cache: EmbeddingCache, fingerprint: str) -> list[EmbeddingSet]:
 DEMO_SOURCE = "demo"
 DEMO_MODELS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "open_nsfw_resnet50_thin")
 DEMO_K = 50
-DEMO_SWEEP_WEIGHTS = (0, 1, 2)
+DEMO_SWEEP_WEIGHTS = (0, 1, 2, 3, 4, 5)  # the reference study's grid; every subset in one sweep
 
 
 def demo_jobs() -> list[tuple[str, dict]]:

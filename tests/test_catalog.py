@@ -38,4 +38,4 @@ def test_demo_plan_names_the_four_packaged_models():
     plan = catalog.demo_jobs()
     assert [kind for kind, _ in plan] == ["extract", "evaluate", "sweep"]
     assert all(p["dataset"] == "demo" and p["models"] == list(catalog.DEMO_MODELS) for _, p in plan)
-    assert plan[2][1]["weights"] == [0, 1, 2]
+    assert plan[2][1]["weights"] == [0, 1, 2, 3, 4, 5]  # the reference study's grid
