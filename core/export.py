@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from core.fusion import l2_normalize, weighted_concat
+from core.fusion import weighted_concat
 from core.heads import TrainedHead
 
 FORMAT = "ensemble-explorer/ensemble@1"

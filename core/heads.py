@@ -451,9 +451,8 @@ def run_training_job(params: dict, reporter: Reporter, workspace, engine) -> int
     limit_per_class. Trains on the dataset's train split, reports on its eval split, saves the head
     under workspace.heads/run-<id> and records one eval result; a re-run after a kill resumes."""
     from core import db
-    from core.jobs import current_job_id
     from core.metrics import evaluate
-    from core.tasks import _embedding_sets, _open, _record_dataset
+    from core.tasks import _embedding_sets, _open, _start
 
     config = HeadConfig.from_dict(dict(params.get("head", {})))
     models = list(params["models"])
@@ -464,11 +463,8 @@ def run_training_job(params: dict, reporter: Reporter, workspace, engine) -> int
     if len(train_rows) == 0:
         raise ValueError(f"dataset {imageset.name!r} has no train split; a fusion head is fitted on train "
                          "rows and reported on eval rows (give the manifest a split column or train/ and eval/ folders)")
-    with db.begin_immediate(engine) as session:
-        dataset = _record_dataset(session, imageset, params["dataset"])
-        run = db.start_run(session, kind="train_head", title=f"{head_label(config)} over {', '.join(models)}",
-                           config=params, dataset_id=dataset.id, job_id=current_job_id())
-        run_id = run.id
+    _, _, run_id = _start("train_head", f"{head_label(config)} over {', '.join(models)}", params, workspace, engine,
+                          imageset=imageset)
     arrays = [es.load() for es in _embedding_sets(imageset, models, workspace, params.get("device"), reporter)]
 
     def record_point(values: dict) -> None:

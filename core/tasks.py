@@ -100,6 +100,20 @@ def _short_name(model: str) -> str:
     return name
 
 
+def _start(kind: str, title: str, params: dict[str, Any], workspace: Workspace, engine: Engine, imageset=None):
+    """Open (unless given) and record the job's dataset and open its run, linked to the job so the
+    dashboard shows the run while it works. `title` may name {dataset}. Returns (imageset, dataset id, run id)."""
+    from core import db
+    from core.jobs import current_job_id
+
+    imageset = imageset if imageset is not None else _open(params, workspace)
+    with db.begin_immediate(engine) as session:
+        dataset = _record_dataset(session, imageset, params["dataset"])
+        run = db.start_run(session, kind=kind, title=title.format(dataset=dataset.name), config=params,
+                           dataset_id=dataset.id, job_id=current_job_id())
+        return imageset, dataset.id, run.id
+
+
 # --- job kinds -----------------------------------------------------------------------------------
 
 
@@ -107,42 +121,29 @@ def _short_name(model: str) -> str:
 def extract(params: dict[str, Any], reporter: Reporter, workspace: Workspace, engine: Engine) -> int:
     """params: dataset (source: "demo" | folder | csv), limit_per_class, models, device."""
     from core import db
-    from core.jobs import current_job_id
 
-    imageset = _open(params, workspace)
-    with db.begin_immediate(engine) as session:
-        dataset = _record_dataset(session, imageset, params["dataset"])
-        run = db.start_run(
-            session, kind="extract", title=f"extract {', '.join(params['models'])} on {dataset.name}",
-            config=params, dataset_id=dataset.id, job_id=current_job_id(),
-        )
+    imageset, dataset_id, run_id = _start("extract", f"extract {', '.join(params['models'])} on {{dataset}}",
+                                          params, workspace, engine)
     sets = _embedding_sets(imageset, list(params["models"]), workspace, params.get("device"), reporter)
     with db.begin_immediate(engine) as session:
         for es in sets:
             db.record_model(session, name=es.model_name, dim=es.dim)
             db.record_embedding_set(
-                session, dataset_id=dataset.id, model_name=es.model_name, cache_key=es.cache_key,
+                session, dataset_id=dataset_id, model_name=es.model_name, cache_key=es.cache_key,
                 path=str(es.path), n=es.n, dim=es.dim, dtype=es.dtype,
             )
-        db.finish_run(session, run.id, [])
-    return run.id
+        db.finish_run(session, run_id, [])
+    return run_id
 
 
 @job_kind("evaluate")
 def evaluate(params: dict[str, Any], reporter: Reporter, workspace: Workspace, engine: Engine) -> int:
     """params: dataset, models, k (and limit_per_class, device as for extract). One result per model."""
     from core import db
-    from core.jobs import current_job_id
     from core.metrics import evaluate as evaluate_embeddings
 
     k = int(params.get("k", 50))
-    imageset = _open(params, workspace)
-    with db.begin_immediate(engine) as session:
-        dataset = _record_dataset(session, imageset, params["dataset"])
-        run = db.start_run(
-            session, kind="evaluate", title=f"evaluate {len(params['models'])} models, k={k}",
-            config=params, dataset_id=dataset.id, job_id=current_job_id(),
-        )
+    imageset, _, run_id = _start("evaluate", f"evaluate {len(params['models'])} models, k={k}", params, workspace, engine)
     sets = _embedding_sets(imageset, list(params["models"]), workspace, params.get("device"), reporter)
     rows = _eval_rows(imageset)
     labels = imageset.labels[rows]
@@ -153,8 +154,8 @@ def evaluate(params: dict[str, Any], reporter: Reporter, workspace: Workspace, e
         results.append({"method": model, "metrics": metrics, "split": "eval", "is_oracle": False})
         reporter.progress((i + 1) / len(sets), f"evaluated {model}")
     with db.begin_immediate(engine) as session:
-        db.finish_run(session, run.id, results)
-    return run.id
+        db.finish_run(session, run_id, results)
+    return run_id
 
 
 @job_kind("sweep")
@@ -162,18 +163,11 @@ def sweep(params: dict[str, Any], reporter: Reporter, workspace: Workspace, engi
     """params: dataset, models, weights (the grid values, e.g. 0..5), k. Every weight vector is a
     result, labelled like "lite0(3)+lite2(1)" and marked oracle: it is tuned on the eval split."""
     from core import db
-    from core.jobs import current_job_id
     from core.sweep import grid_sweep, label_weights
 
     k = int(params.get("k", 50))
     models = list(params["models"])
-    imageset = _open(params, workspace)
-    with db.begin_immediate(engine) as session:
-        dataset = _record_dataset(session, imageset, params["dataset"])
-        run = db.start_run(
-            session, kind="sweep", title=f"weight sweep over {len(models)} models, k={k}",
-            config=params, dataset_id=dataset.id, job_id=current_job_id(),
-        )
+    imageset, _, run_id = _start("sweep", f"weight sweep over {len(models)} models, k={k}", params, workspace, engine)
     sets = _embedding_sets(imageset, models, workspace, params.get("device"), reporter)
     rows = _eval_rows(imageset)
     rows_by_weights = grid_sweep(
@@ -196,8 +190,8 @@ def sweep(params: dict[str, Any], reporter: Reporter, workspace: Workspace, engi
             }
         )
     with db.begin_immediate(engine) as session:
-        db.finish_run(session, run.id, results)
-    return run.id
+        db.finish_run(session, run_id, results)
+    return run_id
 
 
 @job_kind("train_head")
