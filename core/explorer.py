@@ -16,7 +16,7 @@ from core.datasets import ImageSet
 from core.fusion import l2_normalize, weighted_concat
 from core.metrics import QueryScores, per_class_ap, per_query_scores
 from core.models import cache_key_for
-from core.search import top_k
+from core.search import TorchSearch, top_k
 
 # QueryScores attribute behind each metric name the dashboard shows.
 PER_QUERY = {"map@k": "ap_at_k", "map@k_hits": "ap_at_k_hits", "map@r": "ap_at_r", "p@1": "p_at_1"}
@@ -89,20 +89,9 @@ def query_scores(embeddings: np.ndarray, labels: np.ndarray, k: int) -> QuerySco
     return per_query_scores(embeddings, labels, k)
 
 
-class MatvecSearch:
-    """core.search backend for one query at a time: a matrix-vector product and a partial sort. Building a
-    faiss index copies the whole gallery on every call, which dominates a single query at 50k rows
-    (~1 s against ~0.1 s here); top_k still orders and certifies the candidates exactly."""
-
-    def candidates(self, queries, gallery, k, exclude):
-        sims = np.asarray(queries, dtype=np.float32) @ np.asarray(gallery, dtype=np.float32).T
-        if exclude is not None:
-            sims[np.arange(len(sims)), exclude] = -np.inf
-        ids = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else np.tile(np.arange(sims.shape[1]), (len(sims), 1))
-        return np.take_along_axis(sims, ids, axis=1), ids.astype(np.int64)
-
-
-ONE_QUERY = MatvecSearch()
+# One query at a time: a matrix-vector product beats building a faiss index, which copies the whole
+# gallery on every call (~1 s against a few ms at 50k rows); top_k still certifies the order exactly.
+ONE_QUERY = TorchSearch("cpu")
 
 
 def neighbours(embeddings: np.ndarray, position: int, k: int) -> tuple[np.ndarray, np.ndarray]:

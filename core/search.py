@@ -7,6 +7,7 @@ the rare row that cannot be certified (a tie straddling the cut) is recomputed o
 """
 from __future__ import annotations
 
+import warnings
 from typing import Protocol
 
 import numpy as np
@@ -48,7 +49,7 @@ class TorchSearch:
         self.device = torch.device(device)
 
     def candidates(self, queries, gallery, k, exclude):
-        g = torch.as_tensor(np.ascontiguousarray(gallery, dtype=np.float32), device=self.device)
+        g = _as_tensor(gallery, self.device)
         rows = max(1, CHUNK_BYTES // (4 * max(1, len(gallery))))
         out_scores, out_ids = [], []
         for start in range(0, len(queries), rows):
@@ -62,6 +63,14 @@ class TorchSearch:
             out_scores.append(s.cpu().numpy())
             out_ids.append(i.cpu().numpy())
         return np.concatenate(out_scores), np.concatenate(out_ids).astype(np.int64)
+
+
+def _as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A float32 tensor over the array without copying it on the CPU. Memory-mapped cache files are
+    read-only, which torch warns about; search only reads the gallery, so the warning is moot."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32), device=device)
 
 
 def _drop_excluded(scores, ids, exclude, k):
