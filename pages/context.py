@@ -219,7 +219,7 @@ def metric_header(k: int, metric: str = "map@k") -> str:
     return names[metric]
 
 
-# --- cached views of methods (large arrays: cache_resource, never cache_data) -------------------------
+# --- cached views of methods (large arrays live in cache_resource: a data cache would copy them per hit) ---
 
 def eval_rows(imageset: ImageSet):
     return imageset.split("eval")
