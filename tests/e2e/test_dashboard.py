@@ -1,0 +1,234 @@
+"""The real dashboard in Debian's Chromium, on a workspace the CLI prepared (demo-small, two models, k=10).
+
+After every action the tests wait for Streamlit's script to finish ([data-test-script-state=notRunning])
+and for the text they expect; they never sleep a fixed time.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import re
+
+import pytest
+
+from e2e_harness import (PAGES, SCREENSHOTS, grid_click_row, grid_csv, heading, nav, new_page, problems,
+                         open_page, query_params, serve, settle, widget)
+
+pytestmark = pytest.mark.e2e
+
+MODELS = ("tf_efficientnet_lite0", "open_nsfw_resnet50_thin")
+
+
+def rows_of(text: str) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def clean(page) -> None:
+    assert problems(page) == [], f"{page.url} shows an error"
+
+
+def sidebar(page) -> str:
+    return page.locator("[data-testid=stSidebarUserContent]").inner_text()
+
+
+def test_every_page_opens_from_the_navigation(page, app, shot):
+    """Click through all eight pages in the sidebar: each shows its heading and content, no traceback,
+    keeps ?dataset= in the URL, and gets a full-page screenshot."""
+    open_page(page, app, "Start")
+    titles = [a.split("\n")[-1] for a in page.locator("[data-testid=stSidebarNav] a").all_inner_texts()]
+    assert titles == [title for title, _, _ in PAGES]
+    side = sidebar(page)
+    assert "Worker running" in side and f"Dataset: {app.dataset}" in side and str(app.workspace) in side
+
+    for title, path, name in PAGES:
+        if title != "Start":
+            nav(page, title)
+        assert page.url.split("?")[0] == f"{app.url}/{path}", page.url
+        assert query_params(page).get("dataset") == app.dataset, page.url
+        clean(page)
+        main = page.locator("[data-testid=stMain]")
+        if title == "Start":
+            assert re.search(r"holds \d+ dataset\(s\) and \d+ run\(s\)", main.inner_text())
+        elif title == "Data & models":
+            metrics = page.locator("[data-testid=stMetric]").all_inner_texts()
+            assert any("Eval split" in m and "200" in m for m in metrics), metrics
+            assert any("Train split" in m and "400" in m for m in metrics), metrics
+            assert page.locator("[data-testid=stImage]").count() >= 10  # one sample per class
+        elif title == "Leaderboard":
+            main.get_by_text("All methods at k=10").wait_for()
+            page.locator("[data-testid=stPlotlyChart]").first.wait_for()
+        elif title == "Weight sweep":
+            main.get_by_text(re.compile(r"\d+ weight vectors over")).first.wait_for()
+            page.locator(".st-key-sweep-heatmap [data-testid=stPlotlyChart]").wait_for()
+        elif title == "Fusion heads":
+            main.get_by_text("No trained heads on this dataset yet.").wait_for()
+            assert page.get_by_role("button", name=re.compile("Train head")).is_enabled()
+        elif title == "Query explorer":
+            main.locator("h3", has_text="Query #").wait_for()
+        elif title == "Embedding map":
+            main.get_by_text("200 eval images").wait_for()
+        elif title == "Runs":
+            assert "done" in grid_csv(page, "runs:table")
+        shot(name)
+    assert len(list(SCREENSHOTS.glob("0*.png"))) >= len(PAGES)
+
+
+def test_leaderboard_lists_both_models_and_an_ensemble(page, app):
+    open_page(page, app, "Leaderboard")
+    clean(page)
+    assert "eval split: 200 queries" in page.locator("[data-testid=stMain]").inner_text()
+    table = rows_of(grid_csv(page, "lb:table"))
+    by_type = {}
+    for row in table:
+        by_type.setdefault(row["type"], []).append(row)
+    assert {r["method"] for r in by_type["single"]} == set(MODELS), table
+    ensembles = [r for r in table if r["type"] != "single"]
+    assert ensembles, table
+    for row in table:
+        assert 0.0 < float(row["map@k"]) <= 1.0, row
+        assert row.get("k", "10") in ("10", "10.0"), row
+    best_single = max(float(r["map@k"]) for r in by_type["single"])
+    best_ensemble = max(float(r["map@k"]) for r in ensembles)
+    metrics = page.locator("[data-testid=stMetric]").all_inner_texts()
+    assert any("Best single model" in m and f"{best_single:.4f}" in m for m in metrics), metrics
+    assert any("Best ensemble" in m and f"{best_ensemble:.4f}" in m for m in metrics), metrics
+
+
+def test_runs_page_lists_the_cli_runs_and_opens_one(page, app):
+    open_page(page, app, "Runs")
+    clean(page)
+    runs = rows_of(grid_csv(page, "runs:table"))
+    kinds = {r["kind"] for r in runs if r["status"] == "done"}
+    assert {"extract", "evaluate", "sweep"} <= kinds, runs
+    # Rows are listed newest first; select the CLI's evaluate run by clicking its row.
+    position = max(i for i, r in enumerate(runs) if r["kind"] == "evaluate")
+    run_id = runs[position]["id"]
+    grid_click_row(page, "runs:table", position)
+    page.locator("h3", has_text=f"Run {run_id}:").wait_for()
+    settle(page)
+    assert query_params(page).get("run") == run_id
+    results = rows_of(grid_csv(page, page.locator("[data-testid=stDataFrame]").filter(visible=True).nth(1)))  # under "Run N"
+    assert {r["method"] for r in results} == set(MODELS), results
+    page.reload()
+    heading(page, "Runs")
+    page.locator("h3", has_text=f"Run {run_id}:").wait_for()
+    clean(page)
+
+
+def sweep_options(page) -> list[str]:
+    widget(page, "sweep:run").click()
+    options = page.get_by_role("option")
+    options.first.wait_for()
+    texts = options.all_inner_texts()
+    page.keyboard.press("Escape")
+    return texts
+
+
+def test_sweep_submitted_from_the_page_runs_on_the_worker(page, app, shot):
+    """Launch a small sweep in the UI, reload while it is queued/running (URL state kept), and wait for the
+    worker's result table."""
+    open_page(page, app, "Weight sweep")
+    # A k no sweep in this workspace used yet, so the new run is told apart (E2E_WORKSPACE may be reused).
+    k = next(k for k in range(5, 10) if not any(f"k={k} " in o for o in sweep_options(page)))
+    launch = page.locator("[data-testid=stExpander]", has_text="Launch a sweep")
+    if not widget(page, "sweep:weights").is_visible():
+        launch.locator("summary").click()
+    widget(page, "sweep:weights").locator("input").fill("0, 1, 3")
+    widget(page, "sweep:k").locator("input").fill(str(k))
+    launch.get_by_role("button", name=re.compile("Start sweep")).click()
+    # The confirmation can be gone again at once: the job panel reruns the page when the job ends.
+    page.get_by_text(re.compile(r"Sweep of 8 weight vectors queued as job \d+")).or_(
+        page.get_by_text(re.compile(r"Job \d+ · sweep"))).or_(
+        page.get_by_text(re.compile(rf"weight sweep over 2 models, k={k} "))).first.wait_for()
+    settle(page)
+    params = query_params(page)
+    assert params.get("dataset") == app.dataset, page.url
+
+    page.reload()  # mid-job or just after: the URL keeps the dataset and the sweep shown
+    heading(page, "Weight sweep")
+    assert query_params(page).get("dataset") == app.dataset
+    assert query_params(page).get("sweep") == params.get("sweep"), page.url
+    clean(page)
+
+    title = re.compile(rf"weight sweep over 2 models, k={k} ")
+    for _ in range(60):  # the worker runs it; a reload shows the finished run (bounded: ~60 reloads)
+        page.get_by_text(re.compile(r"Job \d+ · sweep")).first.wait_for(state="hidden", timeout=240_000)
+        if any(title.search(o) for o in sweep_options(page)):
+            break
+        page.reload()
+        heading(page, "Weight sweep")
+    widget(page, "sweep:run").click()
+    page.get_by_role("option", name=title).first.click()
+    caption = page.get_by_text(re.compile(rf"8 weight vectors over .*k={k};"))
+    caption.wait_for()
+    settle(page)
+    clean(page)
+    new_run = query_params(page).get("sweep")
+    assert new_run and new_run != params.get("sweep"), page.url
+    table = rows_of(grid_csv(page, "sweep:table"))
+    weights = [[float(v) for key, v in r.items() if key.startswith("w:")] for r in table]
+    assert table and all(0.0 < float(r["map@k"]) <= 1.0 for r in table), table
+    assert all(set(w) <= {0.0, 1.0, 3.0} and len(w) == 2 for w in weights), table
+    assert any(min(w) > 0 for w in weights), table  # an ensemble of both models
+    page.locator(".st-key-sweep-heatmap [data-testid=stPlotlyChart]").wait_for()
+    shot("04b-sweep-from-ui")
+    page.reload()  # the URL names the chosen sweep: a reload shows the same one
+    heading(page, "Weight sweep")
+    caption.wait_for()
+    assert query_params(page).get("sweep") == new_run
+    clean(page)
+
+
+def test_query_explorer_click_a_thumbnail_changes_the_query(page, app, shot):
+    """Clicking a thumbnail's button makes it the query: ?query= and the heading follow, both survive a
+    reload, and every method shows k results marked hit/miss."""
+    open_page(page, app, "Start")
+    nav(page, "Query explorer")
+    clean(page)
+    first = page.locator("h3", has_text="Query #").inner_text()
+    picker = page.locator("[data-testid=stExpander]", has_text="Pick a query")
+    if picker.count() and not picker.locator("[class*='st-key-explorer-pick-']").first.is_visible():
+        picker.locator("summary").first.click()
+    buttons = page.locator("[class*='st-key-explorer-pick-'] button")
+    assert buttons.count() >= 20  # a page of the thumbnail grid
+    target = buttons.nth(5)
+    label = target.inner_text().strip()  # "#<dataset row>"
+    row = label.lstrip("#")
+    assert f"Query #{row}:" not in first
+    target.click()
+    page.locator("h3", has_text=f"Query #{row}:").wait_for()
+    settle(page)
+    assert query_params(page).get("query") == row, page.url
+    captions = page.locator("[data-testid=stCaptionContainer]", has_text=re.compile(r"\d\.\d{3} · #\d+ · "))
+    assert captions.count() == 10 * 2  # k=10 results for each of the two default methods
+    clean(page)
+    shot("06b-explorer-query")
+    page.reload()
+    heading(page, "Query explorer")
+    page.locator("h3", has_text=f"Query #{row}:").wait_for()
+    assert query_params(page).get("query") == row
+    clean(page)
+
+
+def test_embedding_map_plots_every_class(page, app):
+    open_page(page, app, "Embedding map")
+    clean(page)
+    chart = page.locator(".st-key-map-chart [data-testid=stPlotlyChart]")
+    chart.locator(".legendtext").first.wait_for()
+    assert len(chart.locator(".legendtext").all_inner_texts()) == 10  # Fashion-MNIST's ten classes
+    assert "200 eval images" in chart.inner_text()
+
+
+def test_fresh_server_deep_link_uses_the_apps_navigation(browser, e2e_workspace):
+    """The first request a freshly started server gets is a bookmarked page, not /: it must still run through
+    app.py (its sidebar and st.navigation), not Streamlit's pages/-folder mode listing every file in pages/."""
+    with serve(e2e_workspace, worker=False) as fresh:
+        page = new_page(browser)
+        try:
+            open_page(page, fresh, "Leaderboard")
+            clean(page)
+            titles = [a.split("\n")[-1] for a in page.locator("[data-testid=stSidebarNav] a").all_inner_texts()]
+            assert titles == [title for title, _, _ in PAGES]
+            assert "Workspace:" in sidebar(page)
+        finally:
+            page.context.close()
