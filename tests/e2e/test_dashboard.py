@@ -129,7 +129,8 @@ def test_sweep_submitted_from_the_page_runs_on_the_worker(page, app, shot):
     worker's result table."""
     open_page(page, app, "Weight sweep")
     # A k no sweep in this workspace used yet, so the new run is told apart (E2E_WORKSPACE may be reused).
-    k = next(k for k in range(5, 10) if not any(f"k={k} " in o for o in sweep_options(page)))
+    existing = sweep_options(page)
+    k = next(k for k in range(5, 100) if not any(f"k={k} " in o for o in existing))
     launch = page.locator("[data-testid=stExpander]", has_text="Launch a sweep")
     if not widget(page, "sweep:weights").is_visible():
         launch.locator("summary").click()
