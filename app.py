@@ -14,9 +14,10 @@ st.set_page_config(page_title="Ensemble Explorer", page_icon=":material/hub:", l
 
 P = context.PAGES
 # url_path = the file's stem: Streamlit's old pages/-folder routing, which answers a fresh server's first
-# request, then finds the same page (see pages/context.py, _leave_pages_directory_mode).
+# request, then finds the same page (see pages/context.py, _leave_pages_directory_mode). The default page
+# has none: Streamlit serves it only at /, so a url_path there would advertise a /start that 404s.
 navigation = st.navigation({
-    "Start": [st.Page(P["start"], title="Start", icon=":material/home:", default=True, url_path="start")],
+    "Start": [st.Page(P["start"], title="Start", icon=":material/home:", default=True)],
     "Evaluate": [
         st.Page(P["data"], title="Data & models", icon=":material/folder_open:", url_path="data"),
         st.Page(P["leaderboard"], title="Leaderboard", icon=":material/leaderboard:", url_path="leaderboard"),
