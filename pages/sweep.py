@@ -89,11 +89,15 @@ with context.guarded():
     frame = pd.DataFrame(table)
     if len(models) == 2:
         grid = frame.pivot_table(index=weight_cols[0], columns=weight_cols[1], values=metric, aggfunc="max")
+        # The all-zero vector is never scored: its cell stays blank (no "NaN" label).
+        labels = [[f"{v:.4f}" if pd.notna(v) else "" for v in row] for row in grid.values]
         figure = go.Figure(go.Heatmap(z=grid.values, x=[f"{c:g}" for c in grid.columns], y=[f"{i:g}" for i in grid.index],
-                                      colorscale="Viridis", text=grid.round(4).values, texttemplate="%{text}",
+                                      colorscale="Viridis", text=labels, texttemplate="%{text}", hoverongaps=False,
                                       colorbar={"title": metric}))
+        # Categorical axes: one equal cell per weight value, ticks labelled by the values (0, 1, 3 not a
+        # numeric axis with uneven cells and ticks at -0.5, 0, 0.5 ...).
         figure.update_layout(title=f"{metric} over weights (oracle)", xaxis_title=models[1], yaxis_title=models[0],
-                             height=480)
+                             xaxis={"type": "category"}, yaxis={"type": "category"}, height=480)
         st.plotly_chart(figure, key="sweep:heatmap")
     elif len(models) > 2:
         dims = [{"label": m.split(":")[-1][-14:], "values": frame[c]} for m, c in zip(models, weight_cols)]
@@ -108,7 +112,9 @@ with context.guarded():
         for i, (a, b) in enumerate(pairs):
             grid = frame.pivot_table(index=weight_cols[a], columns=weight_cols[b], values=metric, aggfunc="max")
             small = go.Figure(go.Heatmap(z=grid.values, x=[f"{c:g}" for c in grid.columns],
-                                         y=[f"{v:g}" for v in grid.index], colorscale="Viridis", showscale=False))
+                                         y=[f"{v:g}" for v in grid.index], colorscale="Viridis", showscale=False,
+                                         hoverongaps=False))
             small.update_layout(height=260, margin={"l": 10, "r": 10, "t": 30, "b": 10},
+                                xaxis={"type": "category"}, yaxis={"type": "category"},
                                 title=f"best {metric}", xaxis_title=models[b][-14:], yaxis_title=models[a][-14:])
             cells[i % len(cells)].plotly_chart(small, key=f"sweep:small:{a}:{b}")
