@@ -67,14 +67,23 @@ with context.guarded():
 
     distinct = st.toggle("One row per ratio class (multiples of a weight vector rank identically)", value=True,
                          key="sweep:distinct")
-    listed = [r for r in table if not r["same as"]] if distinct else table
+    # One row per class: rank = the rank among the distinct ratio classes (1, 2, 3 ... without gaps).
+    listed = [{**r, "rank": i} for i, r in enumerate((r for r in table if not r["same as"]), start=1)] \
+        if distinct else table
     page_size = context.ROWS_PER_PAGE
     pages = max(1, -(-len(listed) // page_size))
     page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="sweep:page") if pages > 1 else 1
     shown = listed[(page - 1) * page_size: page * page_size]
+    # Rank, weights and their ratio class first (narrow columns that stay in view), then the metrics; the
+    # long method name and the ids last.
+    weight_cols = [f"w:{m}" for m in models]
+    order = ["rank", *weight_cols, "ratio class", "same as", *METRIC_KEYS, "method", "oracle", "result_id"]
     picked = st.dataframe(pd.DataFrame(shown), hide_index=True, key="sweep:table", on_select="rerun",
-                          selection_mode="single-row",
-                          column_config={m: st.column_config.NumberColumn(format="%.4f") for m in METRIC_KEYS})
+                          selection_mode="single-row", column_order=order,
+                          column_config={"rank": st.column_config.NumberColumn(width="small"),
+                                         "ratio class": st.column_config.NumberColumn(help="vectors that are multiples of each other share a class"),
+                                         "same as": st.column_config.TextColumn(width="medium"),
+                                         **{m: st.column_config.NumberColumn(format="%.4f") for m in METRIC_KEYS}})
     rows = picked.selection.rows if picked else []
     choice = shown[rows[0]] if rows else (shown[0] if shown else None)
     if choice is not None:
@@ -85,7 +94,6 @@ with context.guarded():
             st.success(f"Promoted (run {promoted}); it now shows on the leaderboard.")
     context.download_buttons(table, f"sweep-run{run_id}", "sweep:export")
 
-    weight_cols = [f"w:{m}" for m in models]
     frame = pd.DataFrame(table)
     if len(models) == 2:
         grid = frame.pivot_table(index=weight_cols[0], columns=weight_cols[1], values=metric, aggfunc="max")
