@@ -1,4 +1,4 @@
-"""Command line: python -m core {models,extract,evaluate,sweep,train-head,report,embed,demo,worker} --help.
+"""Command line: python -m core {models,extract,evaluate,sweep,train-head,report,export,embed,demo,worker} --help.
 
 extract / evaluate / sweep / train-head run the same job handlers as the background worker, in this
 process, so a CLI run lands in the runs database exactly as a dashboard run does.
@@ -115,6 +115,8 @@ def cmd_evaluate(args) -> int:
 
 def cmd_sweep(args) -> int:
     params = {**_common_params(args), "k": args.k, "weights": _numbers(args.weights)}
+    if args.random:
+        params.update(search="random", n_samples=args.random)
     run_id = _run_handler("sweep", params, args)
     _print_rows(_results(run_id, args), args.json, args.top)
     return 0
@@ -163,6 +165,14 @@ def cmd_report(args) -> int:
     if single and not math.isnan(best["map@k"]):
         print(f"Best overall: {best['method']} map@k {best['map@k']:.4f} vs best single model "
               f"{single['method']} {single['map@k']:.4f} ({100 * (best['map@k'] - single['map@k']):+.2f} points).")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from core.export import export_result
+
+    _, engine = _open_workspace(args)
+    print(f"wrote {export_result(engine, args.result, args.out)}")
     return 0
 
 
@@ -230,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--json", action="store_true")
     sub.choices["sweep"].add_argument("--weights", default="0,1,2,3,4,5", help="grid values per model")
     sub.choices["sweep"].add_argument("--top", type=int, default=20, help="rows to print")
+    sub.choices["sweep"].add_argument("--random", type=int, default=0, metavar="N",
+                                      help="continuous weights instead of the grid: N random points, then refinement")
     th = sub.choices["train-head"]
     th.add_argument("--kind", choices=["mlp", "project_concat", "learned_ratio"])
     th.add_argument("--out-dim", type=int)
@@ -241,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(r, models=False)
     r.add_argument("--k", type=int, default=50)
     r.add_argument("--top", type=int, default=3, help="rows per table")
+
+    x = sub.add_parser("export", help="save a stored result (model, concatenation or head) as an ensemble artifact")
+    x.add_argument("result", type=int, help="result id (report, Runs page)")
+    x.add_argument("--out", required=True, help="artifact folder to write")
 
     e = sub.add_parser("embed", help="embed images with an exported ensemble artifact")
     e.add_argument("artifact")
@@ -267,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_worker(args, argv[at + 1:])
     args = build_parser().parse_args(argv)
     command = {"models": cmd_models, "extract": cmd_extract, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
-               "train-head": cmd_train_head, "report": cmd_report, "embed": cmd_embed, "demo": cmd_demo}
+               "train-head": cmd_train_head, "report": cmd_report, "export": cmd_export, "embed": cmd_embed,
+               "demo": cmd_demo}
     try:
         return command[args.command](args)
     except (DatasetError, ModelError, MetricsError, ValueError) as exc:  # the user's input: say what to fix

@@ -76,6 +76,25 @@ def save_ensemble(
     return target
 
 
+def export_result(engine, result_id: int, path: str | os.PathLike) -> Path:
+    """Save a stored result (a single model, a weighted concatenation or a trained head) as an artifact."""
+    from core import db
+
+    with db.read_session(engine) as session:
+        result = session.get(db.Result, int(result_id))
+        if result is None:
+            raise ValueError(f"result {result_id} does not exist: `python -m core report` and the Runs page list them")
+        extra, weights = dict(result.extra or {}), result.weights
+        models = list(extra.get("models") or [result.method])
+        described = f"{result.method} (result {result.id}, run {result.run_id})"
+        metrics = dict(result.metrics or {})
+    if extra.get("head_path"):
+        return save_ensemble(path, models, head=TrainedHead.load(extra["head_path"]), metrics=metrics,
+                             description=described)
+    return save_ensemble(path, models, weights=weights or [1.0] * len(models), metrics=metrics,
+                         description=described)
+
+
 @dataclass
 class Ensemble:
     """A loaded artifact. `embed_arrays` is the dashboard path (cached per-model embeddings ->

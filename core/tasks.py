@@ -160,20 +160,24 @@ def evaluate(params: dict[str, Any], reporter: Reporter, workspace: Workspace, e
 
 @job_kind("sweep")
 def sweep(params: dict[str, Any], reporter: Reporter, workspace: Workspace, engine: Engine) -> int:
-    """params: dataset, models, weights (the grid values, e.g. 0..5), k. Every weight vector is a
-    result, labelled like "lite0(3)+lite2(1)" and marked oracle: it is tuned on the eval split."""
+    """params: dataset, models, weights (the grid values, e.g. 0..5), k; or search="random" with
+    n_samples for continuous weights. Every weight vector is a result, labelled like "lite0(3)+lite2(1)"
+    and marked oracle: it is tuned on the eval split."""
     from core import db
-    from core.sweep import grid_sweep, label_weights
+    from core.sweep import grid_sweep, label_weights, random_sweep
 
     k = int(params.get("k", 50))
     models = list(params["models"])
     imageset, _, run_id = _start("sweep", f"weight sweep over {len(models)} models, k={k}", params, workspace, engine)
     sets = _embedding_sets(imageset, models, workspace, params.get("device"), reporter)
     rows = _eval_rows(imageset)
-    rows_by_weights = grid_sweep(
-        [es.load()[rows] for es in sets], imageset.labels[rows],
-        weights=params.get("weights", (0, 1, 2, 3, 4, 5)), k=k, reporter=reporter,
-    )
+    arrays, labels = [es.load()[rows] for es in sets], imageset.labels[rows]
+    if params.get("search") == "random":
+        rows_by_weights = random_sweep(arrays, labels, n_samples=int(params.get("n_samples", 256)), k=k,
+                                       reporter=reporter)
+    else:
+        rows_by_weights = grid_sweep(arrays, labels, weights=params.get("weights", (0, 1, 2, 3, 4, 5)), k=k,
+                                     reporter=reporter)
     names = [_short_name(m) for m in models]
     results = []
     for row in rows_by_weights:

@@ -80,3 +80,29 @@ def test_artifact_errors(dashboard, tmp_path):
     (artifact / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="Re-export"):
         load_ensemble(artifact)
+
+
+def test_a_stored_sweep_result_exports_and_embeds_like_the_dashboard(dashboard, tmp_path):
+    """Random-search sweep job -> its best result in the runs DB -> export_result -> same vectors."""
+    from pathlib import Path
+
+    from core import db, tasks
+    from core.export import export_result
+    from core.progress import SILENT
+
+    imageset, cached = dashboard
+    workspace = Workspace.open(tmp_path / "ws")
+    engine = db.make_engine(workspace.db_url)
+    db.init_db(engine)
+    source = str(Path(imageset.paths[0]).parents[1])
+    run_id = tasks.sweep({"dataset": source, "models": MODELS, "k": 3, "search": "random", "n_samples": 8},
+                         SILENT, workspace, engine)
+    with db.read_session(engine) as session:
+        results = db.get_run(session, run_id).results
+        best = max((r for r in results if sum(1 for w in r.weights if w) == 2), key=lambda r: r.metrics["map@k"])
+        weights, result_id = list(best.weights), best.id
+    assert len(results) > 8 and any(w != int(w) for w in weights)  # continuous weights, not the grid
+    ensemble = load_ensemble(export_result(engine, result_id, tmp_path / "best"), device="cpu")
+    np.testing.assert_allclose(ensemble.embed_images(list(imageset.paths)), weighted_concat(cached, weights), atol=2e-5)
+    with pytest.raises(ValueError, match="does not exist"):
+        export_result(engine, 10_000, tmp_path / "nothing")
