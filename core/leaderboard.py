@@ -18,7 +18,8 @@ from core.metrics import METRIC_KEYS
 
 PROMOTE_KIND = "promote"
 # Leaderboard columns in the order the dashboard shows them.
-COLUMNS = ("method", "type", "models", "n_models", "weights", *METRIC_KEYS, "gain", "gain_%", "oracle",
+# The key columns (what won, by how much) first; the details that identify it after.
+COLUMNS = ("method", "type", *METRIC_KEYS, "gain", "gain_%", "models", "n_models", "weights", "oracle",
            "promoted", "run_id", "result_id")
 
 
@@ -155,9 +156,9 @@ def rows(entries: Sequence[Entry], metric: str = "map@k") -> list[dict]:
         value = e.score(metric)
         gain = value - ref if reference is not None else float("nan")
         out.append({
-            "method": e.method, "type": e.kind, "models": " + ".join(e.used_models), "n_models": len(e.used_models),
-            "weights": _weights_text(e), **{key: e.score(key) for key in METRIC_KEYS},
+            "method": e.method, "type": e.kind, **{key: e.score(key) for key in METRIC_KEYS},
             "gain": gain, "gain_%": 100.0 * gain / ref if ref and ref == ref else float("nan"),
+            "models": " + ".join(e.used_models), "n_models": len(e.used_models), "weights": _weights_text(e),
             "oracle": e.is_oracle, "promoted": e.promoted, "run_id": e.run_id, "result_id": e.result_id,
         })
     return out
