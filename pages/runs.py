@@ -113,3 +113,5 @@ with context.guarded():
                 st.markdown(f"**Run {run.id} vs run {run_b.id}**")
                 st.dataframe(pd.DataFrame(merged), hide_index=True, key="runs:compare_table")
                 context.download_buttons(merged, f"run-{run.id}-vs-{run_b.id}", "runs:compare_export")
+    elif total:
+        st.info("Select a run in the table to see its results, config and curves.", icon=":material/touch_app:")
