@@ -120,12 +120,13 @@ with context.guarded():
         for cell, sim, position in zip(cells, sims, positions):
             row = int(rows[position])
             hit = query_label is not None and labels[position] == query_label
-            mark = "" if query_label is None else (":green[**✔ hit**] " if hit else ":red[**✘ miss**] ")
+            mark = "" if query_label is None else (":green[**✓**] " if hit else ":red[**✗**] ")
             with cell:
                 path = context.thumb(imageset, row, 96)
                 if path:
                     st.image(path, width="stretch")
-                st.caption(f"{mark}{sim:.3f} · #{row} · {imageset.class_names[labels[position]]}")
+                # Two short lines ("✓ 0.831", "#5 T-shirt/top"): ten results share the width.
+                st.caption(f"{mark}{sim:.3f}  \n#{row} {imageset.class_names[labels[position]]}")
 
     if upload is not None:
         st.subheader("Your image")
@@ -155,8 +156,8 @@ with context.guarded():
     path = context.thumb(imageset, query, 128)
     if path:
         qcols[0].image(path, width=112)
-    qcols[1].caption(f"{imageset.paths[query]}\n\n:green[**✔ hit**] same label · :red[**✘ miss**] other label · "
-                     "number = cosine similarity · #id = image id")
+    qcols[1].caption(f"{imageset.paths[query]}\n\n:green[**✓**] hit (same label) · :red[**✗**] miss (other label) · "
+                     "number = cosine similarity · #id = image id, then its class")
     for i, method in enumerate(methods):
         sims, positions, ap = explorer.query_view(context.method_embeddings(imageset, method), labels, position, int(k))
         ap = ap["map@k"]

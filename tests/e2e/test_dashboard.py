@@ -200,7 +200,7 @@ def test_query_explorer_click_a_thumbnail_changes_the_query(page, app, shot):
     page.locator("h3", has_text=f"Query #{row}:").wait_for()
     settle(page)
     assert query_params(page).get("query") == row, page.url
-    captions = page.locator("[data-testid=stCaptionContainer]", has_text=re.compile(r"\d\.\d{3} · #\d+ · "))
+    captions = page.locator("[data-testid=stCaptionContainer]", has_text=re.compile(r"\d\.\d{3}\s+#\d+ "))
     assert captions.count() == 10 * 2  # k=10 results for each of the two default methods
     clean(page)
     shot("06b-explorer-query")
