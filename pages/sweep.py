@@ -82,7 +82,7 @@ with context.guarded():
                           selection_mode="single-row", column_order=order,
                           column_config={"rank": st.column_config.NumberColumn(width="small"),
                                          "ratio class": st.column_config.NumberColumn(help="vectors that are multiples of each other share a class"),
-                                         "same as": st.column_config.TextColumn(width="medium"),
+                                         "same as": st.column_config.TextColumn(width="small"),
                                          **{m: st.column_config.NumberColumn(format="%.4f") for m in METRIC_KEYS}})
     rows = picked.selection.rows if picked else []
     choice = shown[rows[0]] if rows else (shown[0] if shown else None)
@@ -100,7 +100,7 @@ with context.guarded():
         # The all-zero vector is never scored: its cell stays blank (no "NaN" label).
         labels = [[f"{v:.4f}" if pd.notna(v) else "" for v in row] for row in grid.values]
         figure = go.Figure(go.Heatmap(z=grid.values, x=[f"{c:g}" for c in grid.columns], y=[f"{i:g}" for i in grid.index],
-                                      colorscale="Viridis", text=labels, texttemplate="%{text}", hoverongaps=False,
+                                      colorscale="Viridis", text=labels, texttemplate="%{text}",
                                       colorbar={"title": metric}))
         # Categorical axes: one equal cell per weight value, ticks labelled by the values (0, 1, 3 not a
         # numeric axis with uneven cells and ticks at -0.5, 0, 0.5 ...).
@@ -120,8 +120,7 @@ with context.guarded():
         for i, (a, b) in enumerate(pairs):
             grid = frame.pivot_table(index=weight_cols[a], columns=weight_cols[b], values=metric, aggfunc="max")
             small = go.Figure(go.Heatmap(z=grid.values, x=[f"{c:g}" for c in grid.columns],
-                                         y=[f"{v:g}" for v in grid.index], colorscale="Viridis", showscale=False,
-                                         hoverongaps=False))
+                                         y=[f"{v:g}" for v in grid.index], colorscale="Viridis", showscale=False))
             small.update_layout(height=260, margin={"l": 10, "r": 10, "t": 30, "b": 10},
                                 xaxis={"type": "category"}, yaxis={"type": "category"},
                                 title=f"best {metric}", xaxis_title=models[b][-14:], yaxis_title=models[a][-14:])
