@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import write_image
+from tests.images import write_image
 from core import explorer, projection, thumbnails
 from core.fusion import l2_normalize, weighted_concat
 from core.metrics import per_query_scores

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import write_image
+from tests.images import write_image
 from core import db, jobs, tasks
 from core.progress import SILENT
 from core.workspace import Workspace
