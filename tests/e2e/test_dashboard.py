@@ -10,6 +10,7 @@ import io
 import re
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from e2e_harness import (PAGES, SCREENSHOTS, grid_click_row, grid_csv, heading, nav, new_page, problems,
                          open_page, query_params, serve, settle, widget)
@@ -115,11 +116,23 @@ def test_runs_page_lists_the_cli_runs_and_opens_one(page, app):
     clean(page)
 
 
-def sweep_options(page) -> list[str]:
-    widget(page, "sweep:run").click()
+def open_sweep_select(page):
+    """Open the Sweep selectbox; the job panel's 2-s fragment rerun can close the popup again at once,
+    so try a few times (each bounded) before failing."""
     options = page.get_by_role("option")
+    for _ in range(6):
+        widget(page, "sweep:run").click()
+        try:
+            options.first.wait_for(timeout=10_000)
+            return options
+        except PlaywrightTimeout:
+            page.keyboard.press("Escape")
     options.first.wait_for()
-    texts = options.all_inner_texts()
+    return options
+
+
+def sweep_options(page) -> list[str]:
+    texts = open_sweep_select(page).all_inner_texts()
     page.keyboard.press("Escape")
     return texts
 
@@ -158,7 +171,7 @@ def test_sweep_submitted_from_the_page_runs_on_the_worker(page, app, shot):
             break
         page.reload()
         heading(page, "Weight sweep")
-    widget(page, "sweep:run").click()
+    open_sweep_select(page)
     page.get_by_role("option", name=title).first.click()
     caption = page.get_by_text(re.compile(rf"8 weight vectors over .*k={k};"))
     caption.wait_for()
