@@ -38,6 +38,9 @@ PAGES = {
 }
 USER_ERRORS = (DatasetError, ModelError, MetricsError, ExplorerError)
 POLL_SECONDS = 2.0
+# With no job queued or running, look for new ones (another tab, the CLI) this rarely: each poll reruns
+# the panel, and a rerun can close a dropdown the user is opening.
+IDLE_POLL_SECONDS = 10.0
 ROWS_PER_PAGE = 50
 FAILURES_SHOWN_FOR_H = 6  # a failed job is announced on the pages for this long, then only on Runs
 
@@ -180,14 +183,21 @@ def job_label(job) -> str:
 def show_jobs(kinds: tuple[str, ...] | None = None, key: str = "jobs") -> None:
     """Live progress of queued and running jobs (of `kinds`) with Cancel buttons, and the last failure."""
 
-    @st.fragment(run_every=POLL_SECONDS)
+    def active_jobs():
+        return [j for j in jobs.list_jobs(engine(), status=jobs.ACTIVE, limit=20) if kinds is None or j.kind in kinds]
+
+    busy = bool(active_jobs())
+
+    @st.fragment(run_every=POLL_SECONDS if busy else IDLE_POLL_SECONDS)
     def panel():
         eng = engine()
-        active = [j for j in jobs.list_jobs(eng, status=jobs.ACTIVE, limit=20) if kinds is None or j.kind in kinds]
+        active = active_jobs()
         seen = set(st.session_state.get(f"{key}:active", []))
         now = {j.id for j in active}
         st.session_state[f"{key}:active"] = sorted(now)
         if seen - now:  # something finished while we watched: refresh the whole page to show its results
+            st.rerun(scope="app")
+        if active and not busy:  # a job appeared (another tab, the CLI): rerun to poll at the fast rate
             st.rerun(scope="app")
         if active and not jobs.worker_alive(eng):
             st.warning("No worker is running, so queued jobs wait. Start one from the sidebar.", icon=":material/warning:")
