@@ -220,17 +220,14 @@ def grid_sweep(embeddings: list[np.ndarray], labels: np.ndarray, weights=(0, 1, 
     if any(v < 0 for v in values):
         raise MetricsError("weights must be non-negative")
     vectors = [v for v in itertools.product(values, repeat=len(embeddings)) if any(v)]
-    classes: dict[tuple, int] = {}
-    for v in vectors:
-        classes.setdefault(ratio_class(v), len(classes))
+    ratios = [ratio_class(v) for v in vectors]
+    first_of_class: dict[tuple, tuple] = {}  # each ratio class is scored once, through its first vector
+    for v, c in zip(vectors, ratios):
+        first_of_class.setdefault(c, v)
     reporter.progress(0.0, f"preparing candidates for {len(embeddings)} models")
     scorer = WeightedConcatScorer(embeddings, labels, k, device=device)
-    representatives = np.array([next(v for v in vectors if ratio_class(v) == c) for c in classes])
-    scores = scorer.score(representatives, reporter)
-    rows = []
-    for v in vectors:
-        c = ratio_class(v)
-        rows.append({"weights": tuple(_plain(x) for x in v), "ratio": c, **scores[classes[c]]})
+    scores = dict(zip(first_of_class, scorer.score(np.array(list(first_of_class.values())), reporter)))
+    rows = [{"weights": tuple(_plain(x) for x in v), "ratio": c, **scores[c]} for v, c in zip(vectors, ratios)]
     return _ranked(rows)
 
 

@@ -48,10 +48,6 @@ def handler_for(kind: str) -> Handler:
         ) from None
 
 
-def known_kinds() -> list[str]:
-    return sorted(_HANDLERS)
-
-
 # --- shared steps --------------------------------------------------------------------------------
 
 
