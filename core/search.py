@@ -78,7 +78,6 @@ def _drop_excluded(scores, ids, exclude, k):
     keep = ids != exclude[:, None]
     # Where the excluded row was not returned, the extra last candidate goes instead.
     keep[keep.sum(axis=1) > k, -1] = False
-    keep &= np.cumsum(keep, axis=1) <= k
     n_keep = keep.sum(axis=1)
     if not (n_keep == n_keep[0]).all():  # only when the gallery is smaller than k + 1
         raise ValueError("gallery too small for the requested k")
