@@ -6,10 +6,11 @@ import gzip
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 import urllib.request
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,14 @@ class SkippedImage:
     reason: str
 
 
+@dataclass(frozen=True)
+class DuplicateImage:
+    """A row dropped at open because `kept` already stands for the same image."""
+    kept: str
+    dropped: str
+    reason: str
+
+
 @dataclass(frozen=True, eq=False)
 class ImageSet:
     name: str
@@ -52,6 +61,9 @@ class ImageSet:
     splits: np.ndarray
     fingerprint: str
     skipped: tuple[SkippedImage, ...] = ()
+    duplicates: tuple[DuplicateImage, ...] = ()
+    # sha256 hex of each row's file bytes, computed at open; empty for a set built by hand.
+    hashes: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -70,12 +82,67 @@ class ImageSet:
         path = self.paths[row]
         try:
             with Image.open(path) as image:
-                return image.convert("RGB")
+                return to_rgb(image)
         except (OSError, SyntaxError, ValueError) as error:
             raise DatasetError(
                 f"Image {path} (row {row}) could not be decoded: {error}. "
                 "Remove or replace the file and open the dataset again."
             ) from error
+
+    def check_disjoint(self, train_rows, eval_rows) -> None:
+        """Raise DatasetError when a training row holds the same bytes as an eval row (the same row, the
+        same file under another path, or a copy): anything fitted on it would be scored on what it saw.
+        Comparing content covers the path case, since one file has one content."""
+        eval_by_hash = {self._hash(int(row)): int(row) for row in eval_rows}
+        clashes = [(self.paths[int(row)], self.paths[eval_by_hash[digest]])
+                   for row in train_rows if (digest := self._hash(int(row))) in eval_by_hash]
+        if clashes:
+            raise DatasetError(
+                f"{len(clashes)} training rows are also in the eval rows (same file or identical bytes), so a "
+                "learned method would be scored on images it was fitted on:\n"
+                + _listing([f"train {a}  =  eval {b}" for a, b in clashes])
+                + "\nRemove these images from the training rows (or the copies from the dataset) and try again.")
+
+    def _hash(self, row: int) -> str:
+        return self.hashes[row] if self.hashes else _sha256(self.paths[row])
+
+
+# Modes that convert("RGB") clips instead of scaling: 16-bit, 32-bit integer and float greyscale.
+_HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The one decode to 8-bit RGB for every image mode: what gets embedded, so anything else that turns
+    files into pixels for the same models must call it too.
+    16-bit grey maps 0..65535 linearly onto 0..255 (value / 257, rounded); transparent pixels are composited
+    over white, since the colour stored under them is arbitrary (often black, sometimes leftovers)."""
+    if image.mode in _HIGH_DEPTH_MODES:
+        return Image.fromarray(_grey_to_uint8(np.asarray(image), image.mode), mode="L").convert("RGB")
+    if _has_alpha(image):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in _ALPHA_MODES or "transparency" in image.info
+
+
+def _grey_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    values = values.astype(np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if mode.startswith("I;16") or (mode == "I" and low >= 0 and high <= 65535):
+        # PIL also reads 16-bit PGM/PPM (any maxval, rescaled to 65535) and some 16-bit TIFFs as "I".
+        low, high = 0.0, 65535.0
+    elif mode == "F" and low >= 0 and high <= 1:
+        low, high = 0.0, 1.0
+    # Otherwise (signed or wider than 16 bits) no format fixes a white point: stretch the image's own range.
+    values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+    scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -85,43 +152,123 @@ class _Record:
     split: str
 
 
-def _unreadable_reason(path: str) -> str | None:
-    """Why an image cannot be used, or None. Header + verify only: cheap enough to run at open time."""
+@dataclass(frozen=True)
+class _Probe:
+    """What open time learns about one readable file."""
+    real_path: str
+    sha256: str
+    size: int
+    mtime_ns: int
+    decode: str  # the mode when to_rgb rescales or composites it, else ""
+
+
+class _Unreadable(Exception):
+    """A file that cannot be used; the message is the reason shown in `skipped`."""
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_TAIL_BYTES = 65536
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _probe(path: str) -> _Probe:
+    """Hash, end-marker and verify checks, from one open file. Raises _Unreadable. verify() checks structure
+    without decoding pixels, so it misses a JPEG or PNG cut short; their end markers catch that at open time."""
     try:
-        size = os.stat(path).st_size
+        info = os.stat(path)
     except FileNotFoundError:
-        return "file not found"
+        raise _Unreadable("file not found") from None
     except OSError as error:
-        return f"cannot read file: {error.strerror or error}"
-    if size == 0:
-        return "zero bytes"
+        raise _Unreadable(f"cannot read file: {error.strerror or error}") from None
+    if not stat.S_ISREG(info.st_mode):  # a FIFO would block the open forever, a device could never end
+        raise _Unreadable("not a regular file")
+    if info.st_size == 0:
+        raise _Unreadable("zero bytes")
     try:
-        with Image.open(path) as image:
-            image.verify()
-    except Exception as error:  # PIL raises many types for broken files (SyntaxError, struct.error, ...)
-        return f"not a readable image: {type(error).__name__}: {error}"
-    return None
+        with open(path, "rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            handle.seek(0)
+            head = handle.read(len(_PNG_SIGNATURE))
+            handle.seek(max(0, info.st_size - _TAIL_BYTES))
+            tail = handle.read().rstrip(b"\0")  # some writers pad files to a block size with zeros
+            if head.startswith(b"\xff\xd8") and not tail.endswith(b"\xff\xd9"):
+                raise _Unreadable("truncated JPEG: no end-of-image marker (FFD9) at the end of the file")
+            if head == _PNG_SIGNATURE and not tail.endswith(_PNG_IEND):
+                raise _Unreadable("truncated PNG: no IEND chunk at the end of the file")
+            handle.seek(0)
+            try:
+                with Image.open(handle) as image:
+                    decode = image.mode if image.mode in _HIGH_DEPTH_MODES or _has_alpha(image) else ""
+                    image.verify()
+            except Exception as error:  # PIL raises many types for broken files (SyntaxError, struct.error, ...)
+                raise _Unreadable(f"not a readable image: {type(error).__name__}: {error}") from None
+    except OSError as error:
+        raise _Unreadable(f"cannot read file: {error.strerror or error}") from None
+    return _Probe(os.path.realpath(path), digest, info.st_size, info.st_mtime_ns, decode)
 
 
-def _fingerprint(name_free_rows: list[tuple[str, str, str]]) -> str:
+def _listing(lines: list[str], most: int = 10) -> str:
+    shown = "\n".join(f"  {line}" for line in lines[:most])
+    return shown + (f"\n  ... and {len(lines) - most} more" if len(lines) > most else "")
+
+
+def _fingerprint(rows: list[tuple[_Record, _Probe]]) -> str:
     digest = hashlib.sha256()
-    for path, label, split in name_free_rows:
-        stat = os.stat(path)
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}\0{split}\n".encode())
+    for record, probe in rows:
+        line = f"{record.path}\0{probe.size}\0{probe.mtime_ns}\0{record.label}\0{record.split}"
+        # Rows that to_rgb rescales or composites carry their mode, so embeddings cached from a plain
+        # convert("RGB") of them (clipped to white, alpha dropped) are never reused.
+        digest.update(f"{line}\0{probe.decode}\n".encode() if probe.decode else f"{line}\n".encode())
     return digest.hexdigest()
+
+
+def _merge_same_path(records: list[_Record], duplicates: list[DuplicateImage],
+                     conflicts: list[str]) -> list[_Record]:
+    """One record per path. Done on every record before sampling, so a label conflict in the manifest is
+    found even when a limit would not have sampled both rows."""
+    by_path: dict[str, list[_Record]] = defaultdict(list)
+    for record in records:
+        by_path[record.path].append(record)
+    unique = []
+    for path, rows in by_path.items():
+        labels = sorted({r.label for r in rows})
+        if len(labels) > 1:
+            conflicts.append(f"{path}: labelled {', '.join(labels)}")
+            continue
+        keep = min(rows, key=lambda r: r.split != "eval")  # the eval copy wins: train and eval stay disjoint
+        unique.append(keep)
+        for row in rows:
+            if row is not keep:
+                duplicates.append(DuplicateImage(path, path, _duplicate_reason("path listed again", keep, row)))
+    return unique
+
+
+def _duplicate_reason(what: str, kept: _Record, dropped: _Record) -> str:
+    if kept.split != dropped.split:
+        return f"{what}, in train and eval: the train copy is dropped so train and eval stay disjoint"
+    return what
 
 
 def _build(name: str, records: list[_Record], *, limit_per_class: int | None, seed: int,
            skipped: list[SkippedImage], where: str) -> ImageSet:
-    """Sample, verify and order records. Sampling walks a seeded permutation and skips broken files,
-    so a limit still yields `limit_per_class` good images when enough exist, and only sampled files are verified."""
+    """De-duplicate, sample, check and order records. Sampling walks a seeded permutation and skips broken
+    files and duplicates, so a limit still yields `limit_per_class` distinct good images when enough exist,
+    and only sampled files are read. Eval groups are walked first, so of a copy in both splits eval keeps it."""
     if limit_per_class is not None and limit_per_class < 1:
         raise DatasetError(f"limit_per_class must be at least 1 (got {limit_per_class}).")
+    duplicates: list[DuplicateImage] = []
+    conflicts: list[str] = []
     groups: dict[tuple[str, str], list[_Record]] = defaultdict(list)
-    for record in records:
+    for record in _merge_same_path(records, duplicates, conflicts):
         groups[(record.split, record.label)].append(record)
-    kept: list[_Record] = []
-    for key in sorted(groups):
+    seen: dict[str, _Record] = {}  # real path and content hash -> the first record holding it
+    kept: list[tuple[_Record, _Probe]] = []
+    for key in sorted(groups, key=lambda k: (k[0] != "eval", k)):
         group = sorted(groups[key], key=lambda r: r.path)
         if limit_per_class is None:
             order = range(len(group))
@@ -132,29 +279,54 @@ def _build(name: str, records: list[_Record], *, limit_per_class: int | None, se
         taken = 0
         for index in order:
             record = group[int(index)]
-            reason = _unreadable_reason(record.path)
-            if reason is not None:
-                skipped.append(SkippedImage(record.path, reason))
+            try:
+                probe = _probe(record.path)
+            except _Unreadable as error:
+                skipped.append(SkippedImage(record.path, str(error)))
                 continue
-            kept.append(record)
+            first = seen.get(probe.real_path) or seen.get(probe.sha256)
+            if first is not None:
+                how = "same file" if probe.real_path in seen else "identical bytes"
+                if first.label != record.label:
+                    conflicts.append(f"{first.path} and {record.path} ({how}): labelled {first.label}, {record.label}")
+                else:
+                    duplicates.append(DuplicateImage(first.path, record.path, _duplicate_reason(how, first, record)))
+                continue
+            seen[probe.real_path] = seen[probe.sha256] = record
+            kept.append((record, probe))
             taken += 1
             if limit_per_class is not None and taken >= limit_per_class:
                 break
+    if conflicts:
+        raise DatasetError(
+            f"{where} gives the same image more than one label:\n{_listing(conflicts)}\n"
+            "Give each image exactly one label: fix or delete the conflicting rows of the manifest (in an image "
+            "folder, keep each image in one class folder only), then open the dataset again.")
     if not kept:
         detail = f" ({len(skipped)} files were skipped as unreadable)" if skipped else ""
         raise DatasetError(f"No usable images found in {where}{detail}. "
                            f"Expected image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) with class labels.")
-    kept.sort(key=lambda r: r.path)
-    class_names = tuple(sorted({r.label for r in kept}))
+    eval_classes = sorted({r.label for r, _ in kept if r.split == "eval"})
+    if len(eval_classes) < 2:
+        found = f"only class {eval_classes[0]!r}" if eval_classes else "no images"
+        raise DatasetError(
+            f"The eval split of {where} has {found}. Retrieval needs at least two classes in the eval split: "
+            "with one, every gallery image is relevant to every query and every score is 1.0. "
+            "Add images of at least one more class to the eval split (another class folder, or manifest rows "
+            "with split eval or no split).")
+    kept.sort(key=lambda item: item[0].path)
+    class_names = tuple(sorted({r.label for r, _ in kept}))
     index_of = {c: i for i, c in enumerate(class_names)}
     return ImageSet(
         name=name,
-        paths=tuple(r.path for r in kept),
-        labels=np.array([index_of[r.label] for r in kept], dtype=np.int64),
+        paths=tuple(r.path for r, _ in kept),
+        labels=np.array([index_of[r.label] for r, _ in kept], dtype=np.int64),
         class_names=class_names,
-        splits=np.array([r.split for r in kept], dtype=str),
-        fingerprint=_fingerprint([(r.path, r.label, r.split) for r in kept]),
+        splits=np.array([r.split for r, _ in kept], dtype=str),
+        fingerprint=_fingerprint(kept),
         skipped=tuple(sorted(skipped, key=lambda s: s.path)),
+        duplicates=tuple(sorted(duplicates, key=lambda d: (d.dropped, d.kept))),
+        hashes=tuple(p.sha256 for _, p in kept),
     )
 
 
@@ -302,13 +474,8 @@ def _open_demo(workspace, eval_per_class: int, train_per_class: int, *, limit_pe
     if not (target / "manifest.csv").is_file():
         _materialise_fashion_mnist(target, eval_per_class, train_per_class)
     imageset = open_manifest(target / "manifest.csv", limit_per_class=limit_per_class, seed=seed)
-    return _renamed(imageset, "fashion-mnist" if (eval_per_class, train_per_class) == (100, 300)
-                    else f"fashion-mnist-{target.name}")
-
-
-def _renamed(imageset: ImageSet, name: str) -> ImageSet:
-    return ImageSet(name, imageset.paths, imageset.labels, imageset.class_names, imageset.splits,
-                    imageset.fingerprint, imageset.skipped)
+    return replace(imageset, name="fashion-mnist" if (eval_per_class, train_per_class) == (100, 300)
+                   else f"fashion-mnist-{target.name}")
 
 
 # The offline demo's sizes (eval, train images per class). "demo" is the 1,000-image eval set the

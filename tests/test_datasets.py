@@ -5,7 +5,7 @@ import pytest
 
 from core import datasets
 from core.datasets import DatasetError, open_dataset, open_demo, open_image_folder, open_manifest
-from tests.conftest import write_image
+from tests.images import write_image
 
 
 def test_image_folder_rows_labels_and_single_eval_split(image_folder):
@@ -24,10 +24,10 @@ def test_image_folder_rows_labels_and_single_eval_split(image_folder):
 
 
 def test_image_folder_train_and_val_subfolders_become_splits(tmp_path):
-    for split, n in [("train", 3), ("val", 2)]:
-        for c in ["a", "b"]:
+    for s, (split, n) in enumerate([("train", 3), ("val", 2)]):
+        for c, name in enumerate(["a", "b"]):
             for i in range(n):
-                write_image(tmp_path / "ds" / split / c / f"{i}.png", seed=i)
+                write_image(tmp_path / "ds" / split / name / f"{i}.png", seed=100 * s + 10 * c + i)
     imageset = open_image_folder(tmp_path / "ds")
     assert imageset.class_counts("train") == {"a": 3, "b": 3}
     assert imageset.class_counts("eval") == {"a": 2, "b": 2}
@@ -47,14 +47,14 @@ def test_manifest_relative_paths_default_split_and_single_image_class(tmp_path):
     assert imageset.class_counts("eval") == {"x": 2, "y": 1}
     assert imageset.class_counts("train") == {"x": 1, "y": 0}
     assert imageset.paths[0] == str(tmp_path / "img" / "lonely.jpg")
-    (tmp_path / "nosplit.csv").write_text("path,label\nimg/x0.png,x\n")
-    assert list(open_manifest(tmp_path / "nosplit.csv").splits) == ["eval"]
+    (tmp_path / "nosplit.csv").write_text("path,label\nimg/x0.png,x\nimg/lonely.jpg,y\n")
+    assert list(open_manifest(tmp_path / "nosplit.csv").splits) == ["eval", "eval"]
 
 
 def test_limit_per_class_is_seeded_deterministic_and_sorted(tmp_path):
-    for c in ["a", "b"]:
+    for c, name in enumerate(["a", "b"]):
         for i in range(20):
-            write_image(tmp_path / "ds" / c / f"{i:02d}.png", seed=i, size=8)
+            write_image(tmp_path / "ds" / name / f"{i:02d}.png", seed=100 * c + i, size=8)
     first = open_image_folder(tmp_path / "ds", limit_per_class=5, seed=3)
     again = open_image_folder(tmp_path / "ds", limit_per_class=5, seed=3)
     other = open_image_folder(tmp_path / "ds", limit_per_class=5, seed=4)
@@ -75,10 +75,12 @@ def test_fingerprint_stable_until_a_file_changes(image_folder):
 
 
 def test_fingerprint_changes_when_labels_or_splits_change(tmp_path):
-    write_image(tmp_path / "a.png", seed=1)
-    (tmp_path / "one.csv").write_text("path,label,split\na.png,x,eval\n")
-    (tmp_path / "two.csv").write_text("path,label,split\na.png,y,eval\n")
-    (tmp_path / "three.csv").write_text("path,label,split\na.png,x,train\n")
+    for seed, name in enumerate(["a", "b", "c"]):
+        write_image(tmp_path / f"{name}.png", seed=seed)
+    others = "b.png,z,eval\nc.png,w,eval\n"
+    (tmp_path / "one.csv").write_text("path,label,split\na.png,x,eval\n" + others)
+    (tmp_path / "two.csv").write_text("path,label,split\na.png,y,eval\n" + others)
+    (tmp_path / "three.csv").write_text("path,label,split\na.png,x,train\n" + others)
     prints = {open_manifest(tmp_path / f"{n}.csv").fingerprint for n in ["one", "two", "three"]}
     assert len(prints) == 3
 
@@ -99,9 +101,10 @@ def test_broken_files_are_skipped_and_listed(image_folder):
 
 def test_manifest_missing_file_is_skipped_not_fatal(tmp_path):
     write_image(tmp_path / "a.png", seed=1)
-    (tmp_path / "m.csv").write_text("path,label\na.png,x\ngone.png,x\n")
+    write_image(tmp_path / "b.png", seed=2)
+    (tmp_path / "m.csv").write_text("path,label\na.png,x\ngone.png,x\nb.png,y\n")
     imageset = open_manifest(tmp_path / "m.csv")
-    assert len(imageset) == 1
+    assert len(imageset) == 2
     assert [(os.path.basename(s.path), s.reason) for s in imageset.skipped] == [("gone.png", "file not found")]
 
 
@@ -136,7 +139,8 @@ def test_missing_and_empty_sources_raise_clear_errors(tmp_path, workspace):
 
 def test_open_dataset_dispatches_folder_and_csv(image_folder, workspace, tmp_path):
     assert len(open_dataset(str(image_folder), workspace, limit_per_class=2)) == 6
-    (tmp_path / "m.csv").write_text("path,label\n" + "".join(f"{p},c\n" for p in open_image_folder(image_folder).paths))
+    (tmp_path / "m.csv").write_text("path,label\n" + "".join(f"{p},{os.path.basename(os.path.dirname(p))}\n"
+                                                               for p in open_image_folder(image_folder).paths))
     assert len(open_dataset(str(tmp_path / "m.csv"), workspace)) == 12
 
 
