@@ -4,23 +4,28 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from core.fusion import check_disjoint, l2_normalize
+from core.devices import resolve_device
+from core.files import atomic_write_bytes, atomic_write_text
 from core.progress import SILENT, Reporter
+from core.selection import check_disjoint
+from core.vectors import l2_normalize
 
-HEAD_KINDS = ("mlp", "project_concat", "learned_ratio")
-PROXY_LOSSES = ("normalized_softmax", "proxy_anchor", "arcface")
-PAIR_LOSSES = ("multi_similarity",)
-LOSSES = PROXY_LOSSES + PAIR_LOSSES
-CHECKPOINT_NAME = "checkpoint.pt"
+log = logging.getLogger("core.heads")
+
+
+class HeadTrainingError(ValueError):
+    """The train split or the settings cannot give a head whose validation score means anything."""
 
 
 @dataclass
@@ -29,7 +34,7 @@ class HeadConfig:
 
     # Defaults = the config with the best validation map@k in bench/ablation.py --full-grid on the offline
     # demo (project_concat x {512,1024,2048} x 4 losses and mlp likewise; chosen on train's validation part).
-    kind: str = "project_concat"  # "mlp" | "project_concat" | "learned_ratio"
+    kind: str = "project_concat"  # see HEAD_KINDS
     out_dim: int = 1024  # ignored by learned_ratio, whose output is the weighted concat itself
     hidden_dim: int = 1024  # mlp only; 0 = one linear layer
     dropout: float = 0.1
@@ -135,6 +140,7 @@ class LearnedRatioHead(FusionHead):
 
 
 HEADS: dict[str, type[FusionHead]] = {"mlp": MLPHead, "project_concat": ProjectConcatHead, "learned_ratio": LearnedRatioHead}
+HEAD_KINDS = tuple(HEADS)
 
 
 def build_head(config: HeadConfig, input_dims: Sequence[int]) -> FusionHead:
@@ -142,34 +148,87 @@ def build_head(config: HeadConfig, input_dims: Sequence[int]) -> FusionHead:
     return HEADS[config.kind](list(map(int, input_dims)), config)
 
 
-def build_loss(config: HeadConfig, num_classes: int, embedding_size: int) -> nn.Module:
-    from pytorch_metric_learning import losses
+# --- the losses -------------------------------------------------------------------------------------
 
-    if config.loss == "normalized_softmax":
-        return losses.NormalizedSoftmaxLoss(num_classes, embedding_size, temperature=config.temperature)
-    if config.loss == "proxy_anchor":
-        return losses.ProxyAnchorLoss(num_classes, embedding_size, margin=0.1, alpha=32)
-    if config.loss == "arcface":
-        return losses.ArcFaceLoss(num_classes, embedding_size, margin=28.6, scale=64)
-    return losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5)
+
+@dataclass(frozen=True)
+class LossSpec:
+    """How to build one metric-learning loss from (config, number of classes, embedding size)."""
+
+    build: Callable[[HeadConfig, int, int], nn.Module]
+    needs_pairs: bool = False  # learns from pairs inside a batch, so batches need several images per class
+
+
+def _metric_losses():
+    from pytorch_metric_learning import losses  # imported on first use: pages list the names without it
+
+    return losses
+
+
+LOSS_REGISTRY: dict[str, LossSpec] = {
+    "normalized_softmax": LossSpec(lambda c, n, d: _metric_losses().NormalizedSoftmaxLoss(n, d, temperature=c.temperature)),
+    "proxy_anchor": LossSpec(lambda c, n, d: _metric_losses().ProxyAnchorLoss(n, d, margin=0.1, alpha=32)),
+    "arcface": LossSpec(lambda c, n, d: _metric_losses().ArcFaceLoss(n, d, margin=28.6, scale=64)),
+    "multi_similarity": LossSpec(lambda c, n, d: _metric_losses().MultiSimilarityLoss(alpha=2, beta=50, base=0.5),
+                                 needs_pairs=True),
+}
+LOSSES = tuple(LOSS_REGISTRY)
+
+
+def build_loss(config: HeadConfig, num_classes: int, embedding_size: int) -> nn.Module:
+    return LOSS_REGISTRY[config.loss].build(config, num_classes, embedding_size)
 
 
 # --- splits and batches -----------------------------------------------------------------------------
 
+# A validation query scores only if another image of its class is in validation too; with a single
+# such class every relevant item is that class, and the score says nothing about telling classes apart.
+MIN_VAL_PER_CLASS = 2
+MIN_VAL_CLASSES = 2
+
+
+def validation_count(class_size: int, fraction: float) -> int:
+    """How many of one class's train images go to validation: about `fraction`, at least one, never
+    all of them; a class of one stays in fit."""
+    if class_size < 2:
+        return 0
+    return min(max(int(round(fraction * class_size)), 1), class_size - 1)
+
+
+def min_train_per_class(fraction: float) -> int:
+    """The fewest train images a class needs for MIN_VAL_PER_CLASS of them to go to validation."""
+    # start just below the real-number bound; the loop settles float rounding exactly as the split rounds
+    n = max(MIN_VAL_PER_CLASS + 1, int((MIN_VAL_PER_CLASS - 0.5) / fraction) - 1)
+    while validation_count(n, fraction) < MIN_VAL_PER_CLASS:
+        n += 1
+    return n
+
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, val) positions: about `fraction` of every class to val, seeded; a class of one stays in fit."""
+    """(fit, val) positions: `validation_count` of every class to val, seeded."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     val = []
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
-        n_val = int(round(fraction * len(members))) if len(members) > 1 else 0
-        n_val = min(max(n_val, 1 if len(members) > 1 else 0), len(members) - 1)
-        val.extend(rng.permutation(members)[:n_val].tolist())
+        val.extend(rng.permutation(members)[: validation_count(len(members), fraction)].tolist())
     val = np.sort(np.array(val, dtype=np.int64))
     fit = np.setdiff1d(np.arange(len(labels)), val)
     return fit, val
+
+
+def _check_validation_part(codes: np.ndarray, val: np.ndarray, fraction: float) -> None:
+    """Refuse a validation part whose map@k is undefined (NaN) before any epoch runs."""
+    per_class = np.bincount(codes[val], minlength=int(codes.max()) + 1)
+    if int((per_class >= MIN_VAL_PER_CLASS).sum()) >= MIN_VAL_CLASSES:
+        return
+    raise HeadTrainingError(
+        f"too few train images per class to early-stop on: the validation part needs at least {MIN_VAL_PER_CLASS} "
+        f"images in each of at least {MIN_VAL_CLASSES} classes (otherwise its queries have nothing relevant to "
+        f"find and its map@k is undefined). At val_fraction={fraction} that takes at least "
+        f"{min_train_per_class(fraction)} train images per class; the largest class here has "
+        f"{int(np.bincount(codes).max())}. Add train images or raise val_fraction."
+    )
 
 
 def epoch_batches(labels: np.ndarray, batch_size: int, m_per_class: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -233,13 +292,12 @@ class TrainedHead:
         return _embed(self.module(), [l2_normalize(e) for e in embeddings], torch.device("cpu"), batch_size)
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """head.safetensors (weights) + head.json (config, dims, history) in `folder`."""
-        from safetensors.torch import save_file
+        """head.safetensors (weights) + head.json (config, dims, history) in `folder`; the JSON goes last,
+        so a folder with both files holds a complete head."""
+        from safetensors.torch import save
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state.items()}, str(folder / "head.safetensors.tmp"))
-        os.replace(folder / "head.safetensors.tmp", folder / "head.safetensors")
+        atomic_write_bytes(folder / "head.safetensors", save({k: v.detach().cpu().contiguous() for k, v in self.state.items()}))
         meta = {
             "format": "ensemble-explorer/head@1",
             "config": self.config.to_dict(),
@@ -250,8 +308,7 @@ class TrainedHead:
             "split": self.split,
             "model_names": self.model_names,
         }
-        (folder / "head.json.tmp").write_text(json.dumps(meta, indent=2))
-        os.replace(folder / "head.json.tmp", folder / "head.json")
+        atomic_write_text(folder / "head.json", json.dumps(meta, indent=2))
         return folder
 
     @classmethod
@@ -286,7 +343,45 @@ def _embed(head: FusionHead, inputs: list[np.ndarray], device: torch.device, bat
     return l2_normalize(np.concatenate(out)) if out else np.zeros((0, head.out_dim), np.float32)
 
 
-# --- training ---------------------------------------------------------------------------------------
+def _map_at_k(head: FusionHead, inputs: list[np.ndarray], labels: np.ndarray, k: int, device: torch.device) -> float:
+    """map@k of the head's embeddings; NaN when they are not finite (a diverged head has no score)."""
+    from core.metrics import evaluate
+
+    embedded = _embed(head, inputs, device)
+    if not np.isfinite(embedded).all():
+        return float("nan")
+    return evaluate(embedded, labels, k)["map@k"]
+
+
+# --- resumable training state -----------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """Everything an epoch changes: what a checkpoint saves and a resume restores."""
+
+    head: FusionHead
+    loss: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    epoch: int = 0
+    best_epoch: int = 0
+    best_val: float = float("nan")
+    best_state: dict[str, torch.Tensor] | None = None  # None until an epoch has a finite validation score
+    bad_epochs: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def _new_run(config: HeadConfig, dims: list[int], num_classes: int, device: torch.device) -> _Run:
+    torch.manual_seed(config.seed)  # every start, fresh or restored into, begins from the same weights
+    head = build_head(config, dims).to(device)
+    loss = build_loss(config, num_classes, head.out_dim).to(device)
+    groups = [{"params": list(head.parameters()), "lr": config.lr}]
+    if list(loss.parameters()):
+        groups.append({"params": list(loss.parameters()), "lr": config.lr * config.proxy_lr_multiplier})
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    return _Run(head, loss, optimizer, scheduler)
 
 
 def _fingerprint(config: HeadConfig, inputs: list[np.ndarray], labels: np.ndarray) -> str:
@@ -299,10 +394,123 @@ def _fingerprint(config: HeadConfig, inputs: list[np.ndarray], labels: np.ndarra
     return h.hexdigest()[:16]
 
 
-def _save_checkpoint(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # a kill mid-write never leaves a checkpoint that looks complete
+# A checkpoint is two files: the tensors, then a JSON record that names their SHA-256. The record is
+# written last (the commit marker) and read first; it is the only file opened before the fingerprint
+# matches, and the tensors are parsed only once their hash matches too. Nothing is ever unpickled.
+# No random-generator state is saved: every epoch reseeds from (seed, epoch).
+CHECKPOINT_NAME = "checkpoint.json"
+CHECKPOINT_TENSORS = "checkpoint.safetensors"
+PICKLED_CHECKPOINT = "checkpoint.pt"  # what older versions wrote: deleted unread
+CHECKPOINT_FORMAT = "ensemble-explorer/head-checkpoint@1"
+
+
+def _save_checkpoint(folder: Path, run: _Run, fingerprint: str) -> None:
+    from safetensors.torch import save
+
+    tensors = {f"head.{k}": v for k, v in run.head.state_dict().items()}
+    tensors.update({f"loss.{k}": v for k, v in run.loss.state_dict().items()})
+    tensors.update({f"best.{k}": v for k, v in (run.best_state or {}).items()})
+    optimizer = run.optimizer.state_dict()
+    optimizer_scalars: dict[str, dict] = {}
+    for index, values in optimizer["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value
+            else:
+                optimizer_scalars.setdefault(str(index), {})[key] = value
+    blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    atomic_write_bytes(folder / CHECKPOINT_TENSORS, blob)
+    record = {
+        "format": CHECKPOINT_FORMAT,
+        "fingerprint": fingerprint,
+        "tensors_sha256": hashlib.sha256(blob).hexdigest(),
+        "epoch": run.epoch,
+        "best_epoch": run.best_epoch,
+        "best_val": run.best_val,
+        "bad_epochs": run.bad_epochs,
+        "history": run.history,
+        "optimizer": {"param_groups": optimizer["param_groups"], "state": optimizer_scalars},
+        "scheduler": run.scheduler.state_dict(),
+    }
+    atomic_write_text(folder / CHECKPOINT_NAME, json.dumps(record))
+
+
+def _read_checkpoint(folder: Path, fingerprint: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The record and tensors of the checkpoint in `folder`; ValueError says why it cannot resume this training."""
+    from safetensors.torch import load
+
+    try:
+        record = json.loads((folder / CHECKPOINT_NAME).read_text())
+    except (OSError, ValueError) as error:  # ValueError: not UTF-8 or not JSON
+        raise ValueError(f"{CHECKPOINT_NAME} cannot be read ({error})") from None
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{CHECKPOINT_NAME} is not a {CHECKPOINT_FORMAT} record")
+    if record.get("fingerprint") != fingerprint:
+        raise ValueError("it belongs to another head config or other training data")
+    try:
+        blob = (folder / CHECKPOINT_TENSORS).read_bytes()
+    except OSError as error:
+        raise ValueError(f"{CHECKPOINT_TENSORS} cannot be read ({error})") from None
+    if hashlib.sha256(blob).hexdigest() != record.get("tensors_sha256"):
+        raise ValueError(f"{CHECKPOINT_TENSORS} does not match its record (changed, or a write was cut short)")
+    return record, load(blob)
+
+
+def _restore(run: _Run, record: dict, tensors: dict[str, torch.Tensor]) -> None:
+    parts: dict[str, dict[str, torch.Tensor]] = {"head": {}, "loss": {}, "best": {}, "optimizer": {}}
+    for name, tensor in tensors.items():
+        part, key = name.split(".", 1)
+        parts[part][key] = tensor
+    run.head.load_state_dict(parts["head"])
+    run.loss.load_state_dict(parts["loss"])
+    optimizer_state: dict[int, dict] = {}
+    for key, tensor in parts["optimizer"].items():
+        index, name = key.split(".", 1)
+        optimizer_state.setdefault(int(index), {})[name] = tensor
+    for index, values in record["optimizer"]["state"].items():
+        optimizer_state.setdefault(int(index), {}).update(values)
+    run.optimizer.load_state_dict({"state": optimizer_state, "param_groups": record["optimizer"]["param_groups"]})
+    run.scheduler.load_state_dict(record["scheduler"])
+    run.epoch, run.best_epoch, run.bad_epochs = int(record["epoch"]), int(record["best_epoch"]), int(record["bad_epochs"])
+    run.best_val = float(record["best_val"])
+    run.best_state = parts["best"] or None
+    run.history = list(record["history"])
+
+
+def _resume_or_start(folder: Path, fingerprint: str, start: Callable[[], _Run], reporter: Reporter) -> _Run:
+    """The run checkpointed in `folder` when it is this very training, else a fresh one. A checkpoint
+    that cannot be used is reported and later overwritten, never trusted."""
+    problems = []
+    if (folder / PICKLED_CHECKPOINT).exists():
+        (folder / PICKLED_CHECKPOINT).unlink()
+        problems.append(f"deleted {PICKLED_CHECKPOINT} unread (an older version's pickle; pickles are never loaded)")
+    if (folder / CHECKPOINT_NAME).exists():
+        run = start()
+        try:
+            _restore(run, *_read_checkpoint(folder, fingerprint))
+        except Exception as error:  # whatever is wrong with the files, the answer is the same: do not use them
+            problems.append(f"ignored the checkpoint: {error}")
+        else:
+            for problem in problems:
+                _report_checkpoint_problem(reporter, folder, problem)
+            return run
+    for problem in problems:
+        _report_checkpoint_problem(reporter, folder, f"{problem}; training starts fresh")
+    return start()
+
+
+def _report_checkpoint_problem(reporter: Reporter, folder: Path, message: str) -> None:
+    log.warning("%s: %s", folder, message)
+    reporter.progress(0.0, message)
+
+
+def clear_checkpoint(folder: str | os.PathLike) -> None:
+    """Remove a finished training's checkpoint; the record goes first, so a kill midway leaves nothing resumable."""
+    for name in (CHECKPOINT_NAME, CHECKPOINT_TENSORS, PICKLED_CHECKPOINT):
+        (Path(folder) / name).unlink(missing_ok=True)
+
+
+# --- training ---------------------------------------------------------------------------------------
 
 
 def train_fusion_head(
@@ -325,9 +533,9 @@ def train_fusion_head(
     path always gives them) any overlap raises before anything is fitted. The eval arrays are only
     ever scored for the live curve, never used to choose anything. With `checkpoint_dir`, the state
     after every epoch is saved there and a later call with the same config and data resumes from it.
+    Raises HeadTrainingError before any epoch when the validation part is too small to score, and
+    after training when no epoch had a finite validation score.
     """
-    from core.metrics import evaluate
-
     reporter = reporter or SILENT
     if train_rows is not None:
         if len(train_rows) != len(train_labels):
@@ -343,89 +551,82 @@ def train_fusion_head(
     if len(classes) < 2:
         raise ValueError("training a fusion head needs at least two classes in the train split")
     fit, val = stratified_split(codes, config.val_fraction, config.seed)
+    _check_validation_part(codes, val, config.val_fraction)
     fit_x = [x[fit] for x in inputs]
     val_x = [x[val] for x in inputs]
     eval_x = [l2_normalize(e) for e in eval_embeddings] if eval_embeddings is not None else None
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(config.seed)
+    device = torch.device(resolve_device(None if device is None else str(device)))
     dims = [x.shape[1] for x in inputs]
-    head = build_head(config, dims).to(device)
-    loss_fn = build_loss(config, len(classes), head.out_dim).to(device)
-    groups = [{"params": list(head.parameters()), "lr": config.lr}]
-    loss_params = list(loss_fn.parameters())
-    if loss_params:
-        groups.append({"params": loss_params, "lr": config.lr * config.proxy_lr_multiplier})
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    m = config.m_per_class or (max(2, config.batch_size // len(classes)) if config.loss in PAIR_LOSSES else 0)
-    autocast = device.type == "cuda"
 
+    def start() -> _Run:
+        return _new_run(config, dims, len(classes), device)
+
+    fingerprint = _fingerprint(config, inputs, codes)
+    if checkpoint_dir is None:
+        run = start()
+    else:
+        checkpoint_dir = Path(checkpoint_dir)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        run = _resume_or_start(checkpoint_dir, fingerprint, start, reporter)
+        if run.epoch:
+            reporter.progress(run.epoch / config.epochs, f"resumed after epoch {run.epoch}")
+
+    pairs = LOSS_REGISTRY[config.loss].needs_pairs
+    m = config.m_per_class or (max(2, config.batch_size // len(classes)) if pairs else 0)
+    autocast = device.type == "cuda"
     fit_t = [torch.from_numpy(x).to(device) for x in fit_x]
     fit_y = torch.from_numpy(codes[fit]).to(device)
-    state = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "best_state": None, "bad_epochs": 0, "history": []}
-    fingerprint = _fingerprint(config, inputs, codes)
-    ckpt_path = None
-    if checkpoint_dir is not None:
-        ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        if ckpt_path.exists():
-            saved = torch.load(ckpt_path, map_location=device, weights_only=False)
-            if saved.get("fingerprint") == fingerprint:
-                head.load_state_dict(saved["head"])
-                loss_fn.load_state_dict(saved["loss"])
-                optimizer.load_state_dict(saved["optimizer"])
-                scheduler.load_state_dict(saved["scheduler"])
-                state = saved["state"]
-                reporter.progress(state["epoch"] / config.epochs, f"resumed after epoch {state['epoch']}")
-
-    while state["epoch"] < config.epochs and state["bad_epochs"] < config.patience:
+    while run.epoch < config.epochs and run.bad_epochs < config.patience:
         reporter.check_cancel()
-        epoch = state["epoch"] + 1
+        epoch = run.epoch + 1
         # Seeded per epoch, so a resumed run draws the same batches and dropout as an uninterrupted one.
         rng = np.random.default_rng([config.seed, epoch])
         torch.manual_seed(config.seed * 100_003 + epoch)
-        head.train()
+        run.head.train()
         total, count = 0.0, 0
         for batch in epoch_batches(codes[fit], config.batch_size, m, rng):
             idx = torch.from_numpy(batch).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                emb = head([x[idx] for x in fit_t])
-            loss = loss_fn(emb.float(), fit_y[idx])
-            optimizer.zero_grad(set_to_none=True)
+                emb = run.head([x[idx] for x in fit_t])
+            loss = run.loss(emb.float(), fit_y[idx])
+            run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            run.optimizer.step()
             total += float(loss.detach()) * len(batch)
             count += len(batch)
-        scheduler.step()
+        run.scheduler.step()
 
-        val_map = evaluate(_embed(head, val_x, device), codes[val], config.k)["map@k"]
+        val_map = _map_at_k(run.head, val_x, codes[val], config.k, device)
         row = {"epoch": epoch, "loss": total / max(count, 1), "val_map": val_map}
         if eval_x is not None:
-            row["eval_map"] = evaluate(_embed(head, eval_x, device), np.asarray(eval_labels), config.k)["map@k"]
-        if val_map > state["best_val"]:
-            state.update(best_val=val_map, best_epoch=epoch, bad_epochs=0,
-                         best_state={k: v.detach().cpu().clone() for k, v in head.state_dict().items()})
+            row["eval_map"] = _map_at_k(run.head, eval_x, np.asarray(eval_labels), config.k, device)
+        # NaN is never a score: a diverged epoch counts as one without improvement
+        if math.isfinite(val_map) and (run.best_state is None or val_map > run.best_val):
+            run.best_val, run.best_epoch, run.bad_epochs = val_map, epoch, 0
+            run.best_state = {k: v.detach().cpu().clone() for k, v in run.head.state_dict().items()}
         else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch
-        state["history"].append(row)
-        if ckpt_path is not None:
-            _save_checkpoint(ckpt_path, {
-                "fingerprint": fingerprint, "head": head.state_dict(), "loss": loss_fn.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
-            })
+            run.bad_epochs += 1
+        run.epoch = epoch
+        run.history.append(row)
+        if checkpoint_dir is not None:
+            _save_checkpoint(checkpoint_dir, run, fingerprint)
         reporter.metrics(**row)
         reporter.progress(epoch / config.epochs, f"epoch {epoch}: loss {row['loss']:.4f}, val map@{config.k} {val_map:.4f}")
 
-    best = state["best_state"] or {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+    if run.best_state is None:
+        raise HeadTrainingError(
+            f"none of the {run.epoch} epochs gave a finite validation map@{config.k}: the head's outputs became NaN "
+            f"or infinite (training diverged), so no weights are worth keeping. Lower lr (now {config.lr}) or "
+            "check the embeddings for NaN or infinite values."
+        )
     return TrainedHead(
         config=copy.deepcopy(config),
         input_dims=dims,
-        state=best,
-        best_epoch=state["best_epoch"],
-        best_val=float(state["best_val"]),
-        history=list(state["history"]),
+        state=run.best_state,
+        best_epoch=run.best_epoch,
+        best_val=run.best_val,
+        history=list(run.history),
         split={"fit": int(len(fit)), "val": int(len(val)), "eval": 0 if eval_x is None else int(len(eval_x[0]))},
         model_names=list(model_names) if model_names else None,
     )
@@ -444,53 +645,3 @@ def head_label(config: HeadConfig) -> str:
     if config.kind == "learned_ratio":
         return f"learned ratio ({config.loss})"
     return f"{config.kind} head {config.out_dim}-d ({config.loss})"
-
-
-def run_training_job(params: dict, reporter: Reporter, workspace, engine) -> int:
-    """Job kind "train_head". params: dataset, models, head (HeadConfig fields), k, device,
-    limit_per_class. Trains on the dataset's train split, reports on its eval split, saves the head
-    under workspace.heads/run-<id> and records one eval result; a re-run after a kill resumes."""
-    from core import db
-    from core.metrics import evaluate
-    from core.tasks import _embedding_sets, _open, _start
-
-    config = HeadConfig.from_dict(dict(params.get("head", {})))
-    models = list(params["models"])
-    if len(models) < 1:
-        raise ValueError("choose at least one model for the fusion head")
-    imageset = _open(params, workspace)
-    train_rows, eval_rows = imageset.split("train"), imageset.split("eval")
-    if len(train_rows) == 0:
-        raise ValueError(f"dataset {imageset.name!r} has no train split; a fusion head is fitted on train "
-                         "rows and reported on eval rows (give the manifest a split column or train/ and eval/ folders)")
-    _, _, run_id = _start("train_head", f"{head_label(config)} over {', '.join(models)}", params, workspace, engine,
-                          imageset=imageset)
-    arrays = [es.load() for es in _embedding_sets(imageset, models, workspace, params.get("device"), reporter)]
-
-    def record_point(values: dict) -> None:
-        with db.begin_immediate(engine) as session:
-            db.add_curve_point(session, run_id, int(values.get("epoch", 0)), values)
-        reporter.metrics(**values)
-
-    live = Reporter(on_progress=reporter.progress, is_cancelled=reporter.is_cancelled, on_metrics=record_point)
-    checkpoints = workspace.heads / "checkpoints" / checkpoint_key(imageset.fingerprint, models, config)
-    labels = np.asarray(imageset.labels)
-    head = train_fusion_head(
-        [a[train_rows] for a in arrays], labels[train_rows], config,
-        eval_embeddings=[a[eval_rows] for a in arrays], eval_labels=labels[eval_rows],
-        train_rows=train_rows, eval_rows=eval_rows, reporter=live, device=params.get("device"),
-        checkpoint_dir=checkpoints, model_names=models,
-    )
-    folder = head.save(workspace.heads / f"run-{run_id}")
-    metrics = evaluate(head.embed([a[eval_rows] for a in arrays]), labels[eval_rows], int(params.get("k", 50)))
-    result = {
-        "method": head_label(config), "metrics": metrics, "split": "eval", "is_oracle": False,
-        "extra": {"head_path": str(folder), "models": models, "best_epoch": head.best_epoch,
-                  "val_map": head.best_val, "split_sizes": head.split},
-    }
-    if config.kind == "learned_ratio":
-        result["weights"] = head.module().weights
-    with db.begin_immediate(engine) as session:
-        db.finish_run(session, run_id, [result])
-    (checkpoints / CHECKPOINT_NAME).unlink(missing_ok=True)
-    return run_id

@@ -7,6 +7,7 @@ import torch
 
 from core.fusion import weighted_concat
 from core.heads import (
+    CHECKPOINT_NAME,
     HEAD_KINDS,
     LOSSES,
     HeadConfig,
@@ -140,7 +141,7 @@ def test_cancel_then_resume_equals_uninterrupted(data, tmp_path):
     with pytest.raises(JobCancelled):
         train_fusion_head(train, y_train, config, eval_embeddings=evals, eval_labels=y_eval,
                           reporter=stop_after_two, checkpoint_dir=tmp_path)
-    assert len(epochs_seen) == 2 and (tmp_path / "checkpoint.pt").exists()
+    assert len(epochs_seen) == 2 and (tmp_path / CHECKPOINT_NAME).exists()
 
     resumed_epochs = []
     resumed = train_fusion_head(train, y_train, config, eval_embeddings=evals, eval_labels=y_eval,
@@ -173,54 +174,3 @@ def test_config_errors_say_what_to_do():
         HeadConfig(kind="transformer")
     with pytest.raises(ValueError, match="unknown head settings"):
         HeadConfig.from_dict({"kind": "mlp", "epochz": 3})
-
-
-def _split_image_folder(root):
-    """root/{train,eval}/<class>/*.png: two classes of generated images, train and eval kept apart."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("eval", 4)):
-        for c, name in enumerate(["dark", "light"]):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = (rng.random((32, 32, 3)) * 90 + 140 * c).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
-
-
-def test_training_job_records_curve_result_and_resumes_after_cancel(tmp_path):
-    from core import db
-    from core.heads import CHECKPOINT_NAME, run_training_job
-    from core.workspace import Workspace
-
-    workspace = Workspace.open(tmp_path / "ws")
-    engine = db.make_engine(workspace.db_url)
-    db.init_db(engine)
-    params = {
-        "dataset": str(_split_image_folder(tmp_path / "images")),
-        "models": ["random:test_efficientnet", "random:test_resnet"],
-        "head": {"kind": "mlp", "out_dim": 8, "hidden_dim": 16, "loss": "normalized_softmax", "epochs": 3,
-                 "batch_size": 4, "val_fraction": 0.25, "patience": 3, "k": 3},
-        "k": 3,
-        "device": "cpu",
-    }
-    seen = []
-    with pytest.raises(JobCancelled):
-        run_training_job(params, Reporter(on_metrics=seen.append, is_cancelled=lambda: len(seen) >= 1), workspace, engine)
-    checkpoints = list((workspace.heads / "checkpoints").glob(f"*/{CHECKPOINT_NAME}"))
-    assert len(checkpoints) == 1
-
-    run_id = run_training_job(params, Reporter(on_metrics=seen.append), workspace, engine)
-    assert [row["epoch"] for row in seen] == [1, 2, 3]  # resumed after epoch 1, not restarted
-    with db.read_session(engine) as session:
-        run = db.get_run(session, run_id)
-        assert run.status == "done" and run.kind == "train_head"
-        (result,) = run.results
-        assert result.split == "eval" and not result.is_oracle and result.metrics["n_queries"] == 8
-        assert result.extra["split_sizes"] == {"fit": 8, "val": 4, "eval": 8}
-        assert [p.values["epoch"] for p in db.curve(session, run_id)] == [2, 3]
-    head = TrainedHead.load(result.extra["head_path"])
-    assert head.model_names == params["models"] and head.out_dim == 8
-    assert not checkpoints[0].exists()  # a finished job leaves no checkpoint to resume
