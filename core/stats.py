@@ -87,7 +87,7 @@ def _aligned(a, b) -> tuple[np.ndarray, np.ndarray, int]:
     keep = ~(np.isnan(a) | np.isnan(b))
     a, b = a[keep], b[keep]
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError("Per-query scores must be finite numbers (NaN marks an excluded query); got infinity.")
+        raise ValueError("Per-query scores must be finite (NaN marks an excluded query); got infinity.")
     if len(a) == 0:
         raise ValueError(f"No query has a score under both methods ({len(keep)} given, all NaN in a or b, "
                          "e.g. no query has a relevant item): there is nothing to compare.")
