@@ -1,50 +1,77 @@
-"""Batched embedding extraction: decode each image once, feed every missing model, write the cache at the end.
+"""Batched embedding extraction in resumable shards: decode each image once, feed every model that misses it.
 
 Stages (clip-retrieval style): reader (`_DecodeOnce` in a DataLoader, workers optional) -> mapper (each
-model's `embed` on the device) -> writer (`EmbeddingCache.put`, only after the last batch, so a cancelled
-or crashed run leaves nothing that `get` returns).
+model's `embed` on the device) -> writer (`EmbeddingCache.put_shard` for every finished shard, then
+`EmbeddingCache.assemble` into the one .npy readers see, once all of a model's shards exist).
+
+Rows are cut into a fixed grid of shards [0, s), [s, 2s), ... (s = `shard_size`) and batches never cross a
+shard boundary, so a resumed run feeds each model exactly the batches a one-shot run would. A cancel or a
+killed process loses only the shards under way; the next extraction of the same (dataset fingerprint,
+model cache key) decodes only the rows of the shards still missing for some model. Shards left by a run
+with another shard size are not on the grid and are computed again.
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from core.cache import EmbeddingCache, EmbeddingSet
-from core.datasets import ImageSet
+from core.cache import CorruptEmbeddings, EmbeddingCache, EmbeddingSet
+from core.datasets import DatasetError, ImageSet
+from core.devices import resolve_device
 from core.models import EmbeddingModel, cache_key_for, load_model
 from core.progress import SILENT, Reporter
 
+DEFAULT_SHARD_SIZE = 512  # rows per committed shard: ~2.6 MB per 1280-d model, seconds of work on a GPU
 
-def pick_device(device: str | None = None) -> str:
-    """`device` as given (checked), else "cuda" when torch sees a GPU, else "cpu"."""
-    if device is None or device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"Device {device!r} was requested but torch sees no CUDA GPU here; use device='cpu'.")
-    return device
+Shard = tuple[int, int]  # rows start..stop-1
+
+
+def _shard_grid(n: int, shard_size: int) -> list[Shard]:
+    return [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
+
+
+def _decode_failure(imageset: ImageSet, row: int, error: Exception) -> str:
+    if isinstance(error, DatasetError):
+        return str(error)
+    return (f"Image {imageset.paths[row]} (row {row}) could not be decoded: {type(error).__name__}: {error}. "
+            "Remove or replace the file and open the dataset again.")
 
 
 class _DecodeOnce(Dataset):
-    """Row -> (row, one preprocessed tensor per model) from a single PIL decode. Picklable for workers:
-    it holds the ImageSet and the models' transforms, never the models."""
+    """Row -> (row, one preprocessed tensor per model that needs the row's shard (else None), failure
+    message or None) from a single PIL decode. A failure is returned, not raised: raised in a loader worker
+    it would reach the user wrapped in a traceback. Picklable for workers: it holds the ImageSet, the models'
+    transforms and which shard each model needs, never the models."""
 
-    def __init__(self, imageset: ImageSet, transforms):
+    def __init__(self, imageset: ImageSet, transforms, needs: dict[int, tuple[bool, ...]], shard_size: int):
         self.imageset = imageset
         self.transforms = tuple(transforms)
+        self.needs = needs  # shard index -> per model: does it still miss this shard
+        self.shard_size = shard_size
 
     def __len__(self) -> int:
         return len(self.imageset)
 
     def __getitem__(self, row: int):
-        image = self.imageset.load_image(row)
-        return row, tuple(transform(image) for transform in self.transforms)
+        needs = self.needs[row // self.shard_size]
+        try:
+            image = self.imageset.load_image(row)
+            tensors = tuple(transform(image) if need else None for transform, need in zip(self.transforms, needs))
+        except Exception as error:  # the backstop for broken files: PIL and transforms raise many types
+            return row, (), _decode_failure(self.imageset, row, error)
+        return row, tensors, None
 
 
 def _collate(items):
-    rows = torch.tensor([row for row, _ in items], dtype=torch.int64)
-    per_model = tuple(torch.stack(tensors) for tensors in zip(*(inputs for _, inputs in items)))
-    return rows, per_model
+    rows = [row for row, _, _ in items]
+    failure = next((failure for _, _, failure in items if failure), None)
+    if failure:
+        return rows, (), failure
+    columns = zip(*(tensors for _, tensors, _ in items))
+    return rows, tuple(None if column[0] is None else torch.stack(column) for column in columns), None
 
 
 def embed_batch(model: EmbeddingModel, batch: torch.Tensor, device: str) -> np.ndarray:
@@ -59,49 +86,116 @@ def embed_batch(model: EmbeddingModel, batch: torch.Tensor, device: str) -> np.n
 
 def extract_embeddings(imageset: ImageSet, model_names: list[str], cache: EmbeddingCache, *,
                        device: str | None = None, batch_size: int = 64, num_workers: int = 0,
-                       reporter: Reporter | None = None) -> dict[str, EmbeddingSet]:
-    """One EmbeddingSet per model name (rows = imageset rows, float32, not normalised), from cache when present."""
+                       reporter: Reporter | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
+                       force: bool = False) -> dict[str, EmbeddingSet]:
+    """One EmbeddingSet per model name (rows = imageset rows, float32, not normalised), from cache when present.
+
+    Work is committed every `shard_size` rows per model and resumed from there. `force` first drops the
+    models' cached sets and shards. Raises CorruptEmbeddings for a cached set that fails its check (`force`
+    fixes it), DatasetError naming an image that cannot be decoded, JobCancelled (finished shards are kept).
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1 (got {shard_size})")
     reporter = reporter or SILENT
     names = list(dict.fromkeys(model_names))
     keys = {name: cache_key_for(name) for name in names}  # no weights loaded for cache hits
-    found = {name: cache.get(imageset.fingerprint, keys[name]) for name in names}
+    fingerprint = imageset.fingerprint
+    if force:
+        for name in names:
+            cache.drop(fingerprint, keys[name])
+    found = {name: cache.get(fingerprint, keys[name]) for name in names}
     missing = [name for name in names if found[name] is None]
-    if missing:
+    grid = _shard_grid(len(imageset), shard_size)
+    todo: dict[str, set[Shard]] = {}
+    for name in missing:
+        todo[name] = set(grid) - set(cache.shards(fingerprint, keys[name]))
+    to_run = [name for name in missing if todo[name]]
+    summary = ""
+    if to_run:
         reporter.check_cancel()
-        device = pick_device(device)
-        models = []
-        for index, name in enumerate(missing):
-            reporter.progress(0.0, f"loading {name} ({index + 1}/{len(missing)})")
-            models.append(load_model(name, device))
-        arrays = _run(imageset, models, device, batch_size, num_workers, reporter)
-        for name, model, array in zip(missing, models, arrays):
-            found[name] = cache.put(imageset.fingerprint, name, model.cache_key, array)
-    reporter.progress(1.0, f"{len(names)} models ready ({len(names) - len(missing)} from cache)")
+        device = resolve_device(device)
+        models, load_seconds = _load(to_run, device, reporter)
+        images, seconds = _run(imageset, models, [todo[name] for name in to_run], shard_size, cache, device,
+                               batch_size, num_workers, reporter)
+        summary = (f"; models loaded in {load_seconds:.1f} s, then {images:,} images at "
+                   f"{images / max(seconds, 1e-9):,.1f} img/s")
+    for name in missing:
+        # Another worker may have finished the same set meanwhile (and removed the shards).
+        found[name] = cache.get(fingerprint, keys[name]) or cache.assemble(fingerprint, name, keys[name], grid)
+    reporter.progress(1.0, f"{len(names)} models ready ({len(names) - len(missing)} from cache){summary}")
     return {name: found[name] for name in names}
 
 
-def _run(imageset: ImageSet, models: list[EmbeddingModel], device: str, batch_size: int, num_workers: int,
-         reporter: Reporter) -> list[np.ndarray]:
+def _load(names: list[str], device: str, reporter: Reporter) -> tuple[list[EmbeddingModel], float]:
+    models, total = [], 0.0
+    for index, name in enumerate(names):
+        reporter.progress(0.0, f"loading {name} ({index + 1}/{len(names)})")
+        started = time.perf_counter()
+        models.append(load_model(name, device))
+        seconds = time.perf_counter() - started
+        total += seconds
+        reporter.progress(0.0, f"loaded {name} in {seconds:.1f} s ({index + 1}/{len(names)})")
+    return models, total
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _run(imageset: ImageSet, models: list[EmbeddingModel], todo: list[set[Shard]], shard_size: int,
+         cache: EmbeddingCache, device: str, batch_size: int, num_workers: int,
+         reporter: Reporter) -> tuple[int, float]:
+    """Embed the shards in `todo` (per model) and commit each as it completes. Returns (images decoded, seconds)."""
     n = len(imageset)
+    needed = sorted(set().union(*todo))
+    needs = {start // shard_size: tuple((start, stop) in shards for shards in todo) for start, stop in needed}
+    batches = [list(range(first, min(first + batch_size, stop)))
+               for start, stop in needed for first in range(start, stop, batch_size)]
     loader = DataLoader(
-        _DecodeOnce(imageset, [model.transform for model in models]),
-        batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
+        _DecodeOnce(imageset, [model.transform for model in models], needs, shard_size),
+        batch_sampler=batches, num_workers=num_workers, collate_fn=_collate,
         pin_memory=device.startswith("cuda"), persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
     )
-    outputs: list[np.ndarray | None] = [None] * len(models)
     label = ", ".join(model.name for model in models)
-    done = 0
+    done = n - sum(stop - start for start, stop in needed)  # rows every model already has
+    if done:
+        reporter.progress(done / n, f"{label}: resuming, {done:,}/{n:,} images done by an earlier run")
+    pending: list[list[np.ndarray]] = [[] for _ in models]
+    processed, started = 0, time.perf_counter()
     with torch.inference_mode():
-        for rows, inputs in loader:
-            reporter.check_cancel()
-            index = rows.numpy()
+        for rows, inputs, failure in loader:
+            if failure:
+                raise DatasetError(failure)
+            shard_start = rows[0] - rows[0] % shard_size
+            shard_ends = rows[-1] + 1 == min(shard_start + shard_size, n)
             for position, (model, batch) in enumerate(zip(models, inputs)):
-                features = embed_batch(model, batch, device)
-                if outputs[position] is None:
-                    outputs[position] = np.empty((n, features.shape[1]), dtype=np.float32)
-                outputs[position][index] = features
-            done += len(index)
-            reporter.progress(done / n, f"{label}: {done}/{n} images")
-    reporter.check_cancel()
-    return outputs
+                if batch is None:
+                    continue
+                pending[position].append(embed_batch(model, batch, device))
+                if shard_ends:
+                    _commit_shard(cache, imageset, model, shard_start, np.concatenate(pending[position]))
+                    pending[position] = []
+            processed += len(rows)
+            done += len(rows)
+            speed = processed / max(time.perf_counter() - started, 1e-9)
+            reporter.progress(done / n, f"{label}: {done:,}/{n:,} images, {speed:,.1f} img/s, "
+                                        f"ETA {_duration((n - done) / speed)}")
+            reporter.check_cancel()
+    return processed, time.perf_counter() - started
+
+
+def _commit_shard(cache: EmbeddingCache, imageset: ImageSet, model: EmbeddingModel, start: int,
+                  array: np.ndarray) -> None:
+    bad = np.flatnonzero(~np.isfinite(array).all(axis=1))
+    if len(bad):
+        examples = ", ".join(imageset.paths[start + int(row)] for row in bad[:3])
+        raise CorruptEmbeddings(
+            f"Model {model.name!r} produced NaN or inf embeddings for {len(bad)} images of rows "
+            f"{start}..{start + len(array) - 1} (e.g. {examples}); nothing of them was cached. Check the model's "
+            "weights, and on a GPU try device 'cpu' to rule out reduced precision.")
+    cache.put_shard(imageset.fingerprint, model.cache_key, start, array)

@@ -92,8 +92,8 @@ def embedding_cache() -> EmbeddingCache:
 
 @st.cache_resource(show_spinner=False)
 def device() -> str:
-    from core.extract import pick_device
-    return pick_device()
+    from core.devices import resolve_device
+    return resolve_device()
 
 
 @st.cache_resource(show_spinner="Opening the dataset ...", max_entries=8)

@@ -1,11 +1,15 @@
+import os
+import re
+
 import numpy as np
 import pytest
 import torch
 
 import core.extract
-from core.cache import EmbeddingCache
-from core.extract import extract_embeddings, pick_device
-from core.models import load_model
+from core.cache import CorruptEmbeddings, EmbeddingCache
+from core.datasets import DatasetError, open_image_folder
+from core.extract import extract_embeddings
+from core.models import cache_key_for, load_model
 from core.progress import JobCancelled, Reporter
 
 MODELS = ["random:test_vit", "random:test_efficientnet"]
@@ -37,6 +41,12 @@ def test_two_models_then_cache_hit_loads_nothing(small_demo, workspace, counted_
         assert embedding_set.n == len(small_demo) and embedding_set.model_name == name
         assert np.isfinite(array).all()
     assert any("60/60 images" in m for _, m in events) and events[-1][0] == 1.0
+    messages = [m for _, m in events]
+    assert any(re.fullmatch(r"random:test_vit, random:test_efficientnet: \d+/60 images, [\d.]+ img/s, ETA \d+ s", m)
+               for m in messages)
+    assert any(re.fullmatch(r"loaded random:test_vit in [\d.]+ s \(1/2\)", m) for m in messages)
+    assert re.fullmatch(r"2 models ready \(0 from cache\); models loaded in [\d.]+ s, then 60 images at [\d.]+ img/s",
+                        messages[-1])
     fractions = [f for f, m in events if "images" in m]
     assert fractions == sorted(fractions)
 
@@ -74,32 +84,37 @@ def test_cancel_stops_between_batches_and_writes_nothing(small_demo, workspace):
         extract_embeddings(small_demo, MODELS, cache, batch_size=8, reporter=reporter)
     assert len(batches) == 2  # stopped right after the second batch, not at the end
     assert cache.list() == []
-    from core.models import cache_key_for
     assert all(cache.get(small_demo.fingerprint, cache_key_for(n)) is None for n in MODELS)
     assert not list(workspace.embeddings.iterdir())
 
 
-def test_cache_never_returns_an_uncommitted_file(tmp_path):
-    cache = EmbeddingCache(tmp_path)
-    stored = cache.put("fp", "m", "key", np.arange(6, dtype=np.float64).reshape(2, 3))
-    assert stored.dtype == "float32" and cache.get("fp", "key") == stored
-    view = stored.load()
-    assert not view.flags.writeable and view.dtype == np.float32
-    np.testing.assert_array_equal(view, [[0, 1, 2], [3, 4, 5]])
-    # A crash after the .npy was replaced but before the sidecar: the marker is gone, nothing is returned.
-    sidecar = tmp_path / (stored.path.rsplit("/", 1)[1].replace(".npy", ".json"))
-    sidecar.unlink()
-    assert cache.get("fp", "key") is None and cache.list() == []
-    # A sidecar that disagrees with the data file (torn write) is not returned either.
-    cache.put("fp", "m", "key", np.zeros((2, 3)))
-    np.save(stored.path, np.zeros((5, 3), dtype=np.float32))
-    assert cache.get("fp", "key") is None
-    assert cache.get("other-fp", "key") is None
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_image_that_breaks_after_open_fails_with_its_name(image_folder, tmp_path, num_workers):
+    imageset = open_image_folder(image_folder)
+    broken = imageset.paths[5]
+    with open(broken, "r+b") as handle:  # truncated after the dataset was opened and checked
+        handle.truncate(os.path.getsize(broken) // 2)
+    with pytest.raises(DatasetError) as error:
+        extract_embeddings(imageset, ["random:test_vit"], EmbeddingCache(tmp_path / "cache"), batch_size=4,
+                           num_workers=num_workers)
+    message = str(error.value)
+    assert broken in message and "(row 5)" in message and "Remove or replace the file" in message
+    assert "Traceback" not in message
 
 
-def test_pick_device():
-    assert pick_device() == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert pick_device("cpu") == "cpu"
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA"):
-            pick_device("cuda")
+def test_a_corrupted_set_is_refused_until_force_reextracts_it(small_demo, workspace):
+    cache = EmbeddingCache(workspace.embeddings)
+    name = "random:test_vit"
+    first = extract_embeddings(small_demo, [name], cache)[name]
+    original = np.array(first.load())
+    view = np.load(first.path, mmap_mode="r+")
+    view[:] = original[::-1]  # other numbers, same shape, written in place
+    view.flush()
+    del view
+    stat = os.stat(first.path)
+    os.utime(first.path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a later rewrite than this process saw
+    with pytest.raises(CorruptEmbeddings, match="--force"):
+        extract_embeddings(small_demo, [name], cache)
+    again = extract_embeddings(small_demo, [name], cache, force=True)[name]
+    np.testing.assert_array_equal(again.load(), original)
