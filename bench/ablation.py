@@ -31,12 +31,11 @@ from core.fusion import (  # noqa: E402
     DatabaseAugmentation,
     MaxSimilarity,
     ReciprocalRank,
-    check_disjoint,
     combsum_zscore,
     rank_fusion,
-    select_concat_weights,
     weighted_concat,
 )
+from core.selection import check_disjoint, select_concat_weights  # noqa: E402
 from core.heads import HeadConfig, TrainedHead, head_label, stratified_split, train_fusion_head  # noqa: E402
 from core.metrics import depth_needed, evaluate, metrics_from_ranking, relevant_counts  # noqa: E402
 

@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
 
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     args.n_images = args.n_images or (1024 if device.startswith("cuda") else 128)
     workspace = Workspace.open(args.workspace or os.path.join(tempfile.gettempdir(), "ensemble-bench-workspace"))
     per_class = max(1, -(-args.n_images // 10))

@@ -6,12 +6,8 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows scaled to unit length, as float32; an all-zero row stays zero instead of becoming NaN."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, eps)
+from core.search import top_k
+from core.vectors import l2_normalize
 
 
 def weighted_concat(embeddings: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
@@ -43,11 +39,7 @@ SearchFn = Callable[..., "tuple[np.ndarray, np.ndarray]"]
 
 
 def _search_fn(search: SearchFn | None) -> SearchFn:
-    if search is not None:
-        return search
-    from core.search import top_k  # imported late so this module works before/without the search backend
-
-    return top_k
+    return search if search is not None else top_k
 
 
 @dataclass(frozen=True)
@@ -270,62 +262,3 @@ def _check_same_rows(embeddings: Sequence[np.ndarray]) -> None:
     rows = {len(e) for e in embeddings}
     if len(rows) != 1:
         raise ValueError(f"embedding sets have different row counts {sorted(rows)}: they must describe the same images")
-
-
-# --- concat weights chosen on train, reported on eval --------------------------------------------------
-
-
-def check_disjoint(train_rows: np.ndarray, eval_rows: np.ndarray) -> None:
-    """Raise if any eval-split row would be used for fitting: the one guard every learned method calls."""
-    overlap = np.intersect1d(np.asarray(train_rows), np.asarray(eval_rows))
-    if len(overlap):
-        raise ValueError(
-            f"{len(overlap)} eval-split rows (e.g. {overlap[:5].tolist()}) are also in the training rows; "
-            "fit on the train split only and report on the eval split"
-        )
-
-
-@dataclass(frozen=True)
-class WeightSelection:
-    """Concat weights picked on the train split next to the best weights found by sweeping eval itself."""
-
-    selected_weights: tuple[float, ...]
-    selected_train: dict  # the sweep row on train that chose them
-    selected_eval: dict  # core.metrics.evaluate on eval with those weights: the honest number
-    oracle_weights: tuple[float, ...]
-    oracle_eval: dict  # core.metrics.evaluate on eval with eval's best weights: "oracle (tuned on eval)"
-
-
-def select_concat_weights(
-    embeddings: Sequence[np.ndarray],
-    labels: np.ndarray,
-    train_rows: np.ndarray,
-    eval_rows: np.ndarray,
-    weights: Sequence[float] = (0, 1, 2, 3, 4, 5),
-    k: int = 50,
-    *,
-    sweep: Callable[..., list[dict]] | None = None,
-    evaluate: Callable[..., dict] | None = None,
-    reporter=None,
-) -> WeightSelection:
-    """Grid-sweep concat weights on the train rows, keep the best, and score it on the eval rows beside
-    the oracle best of a sweep on the eval rows."""
-    if sweep is None:
-        from core.sweep import grid_sweep as sweep
-    if evaluate is None:
-        from core.metrics import evaluate
-    train_rows, eval_rows = np.asarray(train_rows), np.asarray(eval_rows)
-    check_disjoint(train_rows, eval_rows)
-    labels = np.asarray(labels)
-    on_train = sweep([e[train_rows] for e in embeddings], labels[train_rows], weights, k, reporter=reporter)
-    on_eval = sweep([e[eval_rows] for e in embeddings], labels[eval_rows], weights, k, reporter=reporter)
-    chosen = tuple(float(w) for w in on_train[0]["weights"])
-    oracle = tuple(float(w) for w in on_eval[0]["weights"])
-    eval_embeddings = [e[eval_rows] for e in embeddings]
-    return WeightSelection(
-        selected_weights=chosen,
-        selected_train=on_train[0],
-        selected_eval=evaluate(weighted_concat(eval_embeddings, chosen), labels[eval_rows], k),
-        oracle_weights=oracle,
-        oracle_eval=evaluate(weighted_concat(eval_embeddings, oracle), labels[eval_rows], k),
-    )

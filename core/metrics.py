@@ -15,10 +15,32 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from core.fusion import l2_normalize
 from core.search import SearchBackend, top_k
+from core.vectors import l2_normalize
 
-METRIC_KEYS = ("map@k", "map@k_hits", "map@r", "p@1")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric as users read it: its key in results, its per-query array in QueryScores, and its meaning."""
+
+    key: str
+    per_query: str
+    meaning: str  # may name {k}
+
+    def header(self, k: int) -> str:
+        return f"{self.key.replace('@k', f'@{k}')}: {self.meaning.format(k=k)}"
+
+
+METRICS = (
+    Metric("map@k", "ap_at_k", "sum of P@i·rel_i over the top {k}, divided by min({k}, R)"),
+    Metric("map@k_hits", "ap_at_k_hits", "divided by the relevant items found in the top {k} "
+           "(the reference authors' later code)"),
+    Metric("map@r", "ap_at_r", "k = R, divided by R"),
+    Metric("p@1", "p_at_1", "the first result has the query's label"),
+)
+METRIC_KEYS = tuple(m.key for m in METRICS)
+PER_QUERY = {m.key: m.per_query for m in METRICS}  # metric key -> QueryScores attribute
 
 
 class MetricsError(ValueError):
@@ -47,8 +69,7 @@ class QueryScores:
         def mean(values: np.ndarray) -> float:
             return float(values[valid].mean()) if n else float("nan")
 
-        return {"map@k": mean(self.ap_at_k), "map@k_hits": mean(self.ap_at_k_hits),
-                "map@r": mean(self.ap_at_r), "p@1": mean(self.p_at_1),
+        return {**{key: mean(getattr(self, attr)) for key, attr in PER_QUERY.items()},
                 "k": self.k, "n_queries": n, "n_excluded": int((~valid).sum())}
 
 

@@ -17,9 +17,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from core.fusion import l2_normalize
-from core.metrics import METRIC_KEYS, MetricsError, depth_needed, relevant_counts, scores_from_relevance
+from core.metrics import METRIC_KEYS, PER_QUERY, MetricsError, depth_needed, relevant_counts, scores_from_relevance
 from core.progress import SILENT, Reporter
+from core.vectors import l2_normalize, ratio_class
 
 # Safety margin on the pruning bound: candidate lists and rescoring are separate float32
 # computations, so a similarity can differ between them in the last bits.
@@ -32,12 +32,6 @@ DEFAULT_EXTRA = 32
 BLOCK_ELEMENTS = 24_000_000
 # Bound on the similarity blocks held while building candidates.
 CHUNK_BYTES = 512 * 2**20
-
-
-def ratio_class(weights: Sequence[float]) -> tuple[float, ...]:
-    """The same key for weight vectors that are multiples of each other (they rank identically)."""
-    w = np.abs(np.asarray(weights, dtype=np.float64))
-    return tuple(np.round(w / w.max(), 9).tolist())
 
 
 def label_weights(weights: Sequence[float], names: Sequence[str]) -> str:
@@ -149,7 +143,7 @@ class WeightedConcatScorer:
             a = squared[start:start + per_block]  # B x M
             rel = self._ranked_relevance(a)  # B x n x depth
             s = scores_from_relevance(rel, self.n_relevant, self.k)
-            means = torch.stack([s[key][:, valid].mean(dim=1) for key in _PER_QUERY]).T.cpu().tolist()
+            means = torch.stack([s[key][:, valid].mean(dim=1) for key in PER_QUERY.values()]).T.cpu().tolist()
             for row in means:
                 results.append({**dict(zip(METRIC_KEYS, row)), "k": self.k,
                                 "n_queries": int(valid.sum()), "n_excluded": int((~valid).sum())})
@@ -198,10 +192,6 @@ class WeightedConcatScorer:
                 order = torch.sort(fused, dim=1, descending=True, stable=True).indices[:, :self.depth]
                 out[part] = self._label_codes[order] == self._label_codes[queries[part], None]
         return out
-
-
-# Per-query arrays of scores_from_relevance, in METRIC_KEYS order.
-_PER_QUERY = ("ap_at_k", "ap_at_k_hits", "ap_at_r", "p_at_1")
 
 
 def _ranked(rows: list[dict]) -> list[dict]:
@@ -262,5 +252,3 @@ def random_sweep(embeddings: list[np.ndarray], labels: np.ndarray, n_samples: in
 def _plain(x: float) -> float | int:
     return int(x) if float(x).is_integer() else float(x)
 
-
-__all__ = ["grid_sweep", "random_sweep", "WeightedConcatScorer", "ratio_class", "label_weights", "METRIC_KEYS"]

@@ -4,55 +4,14 @@ import pytest
 
 from core.metrics import (MetricsError, evaluate, metrics_from_ranking, per_class_ap, per_query_scores)
 from core.search import FaissSearch, TorchSearch, top_k
-
-
-def reference_metrics(embeddings, labels, k):
-    """Straight from DESIGN.md: float64 cosines, rank by (-similarity, index), drop the query by index."""
-    x = np.asarray(embeddings, dtype=np.float64)
-    x = x / np.linalg.norm(x, axis=1, keepdims=True)
-    sims = x @ x.T
-    rows = {"map@k": [], "map@k_hits": [], "map@r": [], "p@1": []}
-    excluded = 0
-    for q in range(len(x)):
-        order = [j for j in sorted(range(len(x)), key=lambda j: (-sims[q, j], j)) if j != q]
-        rel = [labels[j] == labels[q] for j in order]
-        r = sum(rel)
-        if r == 0:
-            excluded += 1
-            continue
-        hits, sum_k, sum_r = 0, 0.0, 0.0
-        for i, is_rel in enumerate(rel, start=1):
-            if is_rel:
-                hits += 1
-                if i <= k:
-                    sum_k += hits / i
-                if i <= r:
-                    sum_r += hits / i
-        hits_k = sum(rel[:k])
-        rows["map@k"].append(sum_k / min(k, r))
-        rows["map@k_hits"].append(sum_k / hits_k if hits_k else 0.0)
-        rows["map@r"].append(sum_r / r)
-        rows["p@1"].append(float(rel[0]))
-    out = {key: float(np.mean(v)) for key, v in rows.items()}
-    out.update(n_queries=len(x) - excluded, n_excluded=excluded)
-    return out
-
-
-def tied_embeddings(rng, n, d=12):
-    """Vectors with exactly 4 entries of +-1: all cosines are multiples of 1/4, exact in any float
-    order, so ties are real ties for every backend; duplicated rows add exact ties with the query."""
-    x = np.zeros((n, d), dtype=np.float32)
-    for i in range(n):
-        cols = rng.choice(d, size=4, replace=False)
-        x[i, cols] = rng.choice([-1.0, 1.0], size=4)
-    x[n // 2:n // 2 + 5] = x[:5]
-    return x
+from tests.reference import quantised_embeddings
+from tests.reference import reference_metrics
 
 
 @pytest.mark.parametrize("k", [1, 5, 50])
 def test_evaluate_matches_brute_force_with_ties(k):
     rng = np.random.default_rng(k)
-    x = tied_embeddings(rng, 90)
+    x = quantised_embeddings(rng, 90)
     labels = rng.integers(0, 6, size=90)
     got = evaluate(x, labels, k)
     want = reference_metrics(x, labels, k)
@@ -75,7 +34,7 @@ def test_evaluate_matches_brute_force_continuous_with_singletons():
 @pytest.mark.parametrize("backend", [FaissSearch(), TorchSearch("cpu")], ids=["faiss", "torch"])
 def test_top_k_orders_ties_by_index(backend):
     rng = np.random.default_rng(3)
-    x = tied_embeddings(rng, 70)
+    x = quantised_embeddings(rng, 70)
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     scores, ids = top_k(x, x, 20, exclude_self=True, backend=backend)
     sims = x.astype(np.float64) @ x.T.astype(np.float64)

@@ -7,7 +7,9 @@ import pytest
 from core.fusion import weighted_concat
 from core.metrics import MetricsError, evaluate
 from core.progress import JobCancelled, Reporter
-from core.sweep import WeightedConcatScorer, grid_sweep, label_weights, random_sweep, ratio_class
+from core.methods import concat_label
+from core.sweep import WeightedConcatScorer, grid_sweep, random_sweep
+from core.vectors import ratio_class
 
 KEYS = ("map@k", "map@k_hits", "map@r", "p@1", "n_queries", "n_excluded")
 
@@ -91,8 +93,8 @@ def test_mismatched_rows_and_bad_weights_are_clear_errors():
 
 
 def test_labels_name_weighted_concats_like_the_reference_study():
-    assert label_weights((3, 0, 1), ["lite0", "lite1", "lite2"]) == "lite0(3)+lite2(1)"
-    assert label_weights((0, 2, 0), ["lite0", "lite1", "lite2"]) == "lite1"
+    names = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
+    assert concat_label(names, (3, 0, 1)) == "lite0(3)+lite2(1)"
 
 
 def test_every_subset_is_covered_by_zero_weights():
