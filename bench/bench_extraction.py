@@ -22,7 +22,8 @@ import torch  # noqa: E402
 
 from core.cache import EmbeddingCache  # noqa: E402
 from core.datasets import open_demo  # noqa: E402
-from core.extract import extract_embeddings, pick_device  # noqa: E402
+from core.devices import resolve_device  # noqa: E402
+from core.extract import extract_embeddings  # noqa: E402
 from core.models import load_model  # noqa: E402
 from core.workspace import Workspace  # noqa: E402
 

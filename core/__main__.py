@@ -8,20 +8,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
-def _csv(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+from tqdm import tqdm
 
-
-def _numbers(text: str) -> list[float]:
-    return [float(part) for part in _csv(text)]
+from core import db
+from core.configs import (DEFAULT_GRID, DEFAULT_K, DEMO_MODELS, DEMO_SOURCE, EvaluateConfig, ExtractConfig,
+                          SweepConfig, TrainHeadConfig, check_k, demo_jobs, parse_names, parse_numbers)
+from core.datasets import open_dataset
+from core.errors import user_message
+from core.export import embed_command, export_result
+from core.heads import HEAD_KINDS, LOSSES
+from core.leaderboard import board, entries_for_dataset, rows, to_markdown
+from core.metrics import METRIC_KEYS
+from core.models import list_models
+from core.progress import Reporter
+from core.tasks import run_job
+from core.workspace import Workspace
 
 
 def _open_workspace(args):
-    from core import db
-    from core.workspace import Workspace
-
     workspace = Workspace.open(args.workspace)
     engine = db.make_engine(args.db_url or workspace.db_url)
     db.init_db(engine)
@@ -29,10 +36,6 @@ def _open_workspace(args):
 
 
 def _tqdm_reporter():
-    from tqdm import tqdm
-
-    from core.progress import Reporter
-
     bars: list = []  # opened on the first progress report, so an early error prints no empty bar
 
     def on_progress(fraction: float, message: str) -> None:
@@ -45,25 +48,22 @@ def _tqdm_reporter():
     return Reporter(on_progress=on_progress), bars
 
 
-def _run_handler(kind: str, params: dict, args) -> int:
-    from core.tasks import handler_for
-
+def _run(config, args) -> int:
+    """Run a job's handler here, as the worker would; its run lands in the same runs DB."""
     workspace, engine = _open_workspace(args)
     reporter, bars = _tqdm_reporter()
     try:
-        return handler_for(kind)(params, reporter, workspace, engine)
+        return run_job(config.kind, config.to_dict(), reporter, workspace, engine)
     finally:
         for bar in bars:
             bar.close()
 
 
 def _results(run_id: int, args) -> list[dict]:
-    from core import db
-
     _, engine = _open_workspace(args)
     with db.read_session(engine) as session:
         run = db.get_run(session, run_id)
-        return [{"method": r.method, "weights": r.weights, "oracle": r.is_oracle, **(r.metrics or {})}
+        return [{"method": r.method, "weights": r.weights, "chosen on": r.selected_on, **(r.metrics or {})}
                 for r in run.results]
 
 
@@ -72,14 +72,10 @@ def _print_rows(rows: list[dict], as_json: bool, top: int | None = None) -> None
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
         return
-    from core.leaderboard import to_markdown
-
     print(to_markdown([{key: v for key, v in r.items() if key != "weights" or v} for r in rows]))
 
 
 def cmd_models(args) -> int:
-    from core.models import list_models
-
     models = list_models()
     if args.json:
         print(json.dumps([m.__dict__ for m in models], indent=2))
@@ -92,32 +88,26 @@ def cmd_models(args) -> int:
     return 0
 
 
-def _common_params(args) -> dict:
-    params = {"dataset": args.dataset, "models": _csv(args.models)}
-    if args.limit_per_class:
-        params["limit_per_class"] = args.limit_per_class
-    if args.device:
-        params["device"] = args.device
-    return params
+def _common(args) -> dict:
+    return {"dataset": args.dataset, "models": parse_names(args.models),
+            "limit_per_class": args.limit_per_class, "device": args.device or "auto"}
 
 
 def cmd_extract(args) -> int:
-    run_id = _run_handler("extract", _common_params(args), args)
+    run_id = _run(ExtractConfig(**_common(args), force=args.force), args)
     print(f"extracted; run {run_id}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    run_id = _run_handler("evaluate", {**_common_params(args), "k": args.k}, args)
+    run_id = _run(EvaluateConfig(**_common(args), k=args.k), args)
     _print_rows(_results(run_id, args), args.json)
     return 0
 
 
 def cmd_sweep(args) -> int:
-    params = {**_common_params(args), "k": args.k, "weights": _numbers(args.weights)}
-    if args.random:
-        params.update(search="random", n_samples=args.random)
-    run_id = _run_handler("sweep", params, args)
+    search = {"search": "random", "n_samples": args.random} if args.random else {}
+    run_id = _run(SweepConfig(**_common(args), k=args.k, weights=parse_numbers(args.weights), **search), args)
     _print_rows(_results(run_id, args), args.json, args.top)
     return 0
 
@@ -125,17 +115,14 @@ def cmd_sweep(args) -> int:
 def cmd_train_head(args) -> int:
     head = {key: getattr(args, key) for key in ("kind", "out_dim", "loss", "epochs", "lr")
             if getattr(args, key) is not None}  # unset ones take HeadConfig's measured defaults
-    params = {**_common_params(args), "k": args.k, "head": head}
-    run_id = _run_handler("train_head", params, args)
+    run_id = _run(TrainHeadConfig(**_common(args), k=args.k, head=head), args)
     _print_rows(_results(run_id, args), args.json)
     return 0
 
 
 def cmd_report(args) -> int:
-    from core.datasets import open_dataset
-    from core.leaderboard import board, entries_for_dataset, rows, to_markdown
-
     workspace, engine = _open_workspace(args)
+    check_k(args.k)
     imageset = open_dataset(args.dataset, workspace, limit_per_class=args.limit_per_class)
     entries = [e for e in entries_for_dataset(engine, imageset.fingerprint) if e.k == args.k]
     if not entries:
@@ -143,7 +130,6 @@ def cmd_report(args) -> int:
               f"`python -m core sweep` (or `python -m core demo`) first.", file=sys.stderr)
         return 1
     table = rows(board(entries, args.k))
-    keys = ("map@k", "map@k_hits", "map@r", "p@1")
     print(f"# Ensemble report: {imageset.name}, eval split ({len(imageset.split('eval'))} queries), k={args.k}\n")
     print("map@k divides by min(k, R); map@k_hits by the hits in the top k (the reference study's later code); "
           "map@r uses k = R. Concatenation weights marked oracle were tuned on the eval split.\n")
@@ -156,7 +142,7 @@ def cmd_report(args) -> int:
         if not chosen:
             continue
         print(f"## {title}\n")
-        print(to_markdown([{"method": r["method"], **{key: r[key] for key in keys},
+        print(to_markdown([{"method": r["method"], **{key: r[key] for key in METRIC_KEYS},
                             "gain (map@k)": r["gain"], "oracle": "yes" if r["oracle"] else ""}
                            for r in chosen]))
         print()
@@ -169,16 +155,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from core.export import export_result
-
     _, engine = _open_workspace(args)
     print(f"wrote {export_result(engine, args.result, args.out)}")
     return 0
 
 
 def cmd_embed(args) -> int:
-    from core.export import embed_command
-
     embed_command(args.artifact, args.images, args.out)
     print(f"wrote {args.out}")
     return 0
@@ -186,24 +168,20 @@ def cmd_embed(args) -> int:
 
 def cmd_demo(args) -> int:
     """Prepare the offline demo (extract, evaluate, sweep): here and now with its report, or queued for the worker."""
-    from core.catalog import DEMO_K, demo_jobs
-
-    jobs = [(kind, {**params, **({"device": args.device} if args.device else {})}) for kind, params in demo_jobs()]
+    configs = [type(c).from_dict({**c.to_dict(), "device": args.device or "auto"}) for c in demo_jobs()]
     if args.queue:
-        from core.jobs import submit
-
         _, engine = _open_workspace(args)
-        ids = [submit(engine, kind, params).id for kind, params in jobs]
+        ids = [config.submit(engine).id for config in configs]
         print(f"queued demo jobs {ids}; a worker (python -m core worker) runs them")
         return 0
-    for kind, params in jobs:
-        _run_handler(kind, params, args)
-    return cmd_report(argparse.Namespace(**{**vars(args), "dataset": "demo", "limit_per_class": None,
-                                            "k": DEMO_K, "top": 5}))
+    for config in configs:
+        _run(config, args)
+    return cmd_report(argparse.Namespace(**{**vars(args), "dataset": DEMO_SOURCE, "limit_per_class": None,
+                                            "k": DEFAULT_K, "top": 5}))
 
 
 def cmd_worker(args, rest: list[str]) -> int:
-    from core.worker import main
+    from core.worker import main  # the worker's own module; imported here only to keep its parser separate
 
     for flag, value in (("--workspace", args.workspace), ("--db-url", args.db_url)):
         if value and flag not in rest:
@@ -222,10 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
 
     def data_args(q, models=True):
-        q.add_argument("--dataset", default="demo", help='"demo", an ImageFolder path or a CSV manifest')
+        q.add_argument("--dataset", default=DEMO_SOURCE, help='"demo", an ImageFolder path or a CSV manifest')
         if models:
-            q.add_argument("--models", default="tf_efficientnet_lite0,tf_efficientnet_lite1,tf_efficientnet_lite2,"
-                           "open_nsfw_resnet50_thin", help="comma-separated model names (default: the offline four)")
+            q.add_argument("--models", default=",".join(DEMO_MODELS),
+                           help="comma-separated model names (default: the offline four)")
         q.add_argument("--limit-per-class", type=int, default=None)
         q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
@@ -235,23 +213,25 @@ def build_parser() -> argparse.ArgumentParser:
                            ("train-head", "train a fusion head on the train split, score on eval")):
         q = sub.add_parser(name, help=helptext)
         data_args(q)
-        if name != "extract":
-            q.add_argument("--k", type=int, default=50)
+        if name == "extract":
+            q.add_argument("--force", action="store_true", help="drop these models' cached embeddings and extract again")
+        else:
+            q.add_argument("--k", type=int, default=DEFAULT_K)
             q.add_argument("--json", action="store_true")
-    sub.choices["sweep"].add_argument("--weights", default="0,1,2,3,4,5", help="grid values per model")
+    sub.choices["sweep"].add_argument("--weights", default=",".join(map(str, DEFAULT_GRID)), help="grid values per model")
     sub.choices["sweep"].add_argument("--top", type=int, default=20, help="rows to print")
     sub.choices["sweep"].add_argument("--random", type=int, default=0, metavar="N",
                                       help="continuous weights instead of the grid: N random points, then refinement")
     th = sub.choices["train-head"]
-    th.add_argument("--kind", choices=["mlp", "project_concat", "learned_ratio"])
+    th.add_argument("--kind", choices=HEAD_KINDS)
     th.add_argument("--out-dim", type=int)
-    th.add_argument("--loss", choices=["normalized_softmax", "proxy_anchor", "arcface", "multi_similarity"])
+    th.add_argument("--loss", choices=LOSSES)
     th.add_argument("--epochs", type=int)
     th.add_argument("--lr", type=float)
 
     r = sub.add_parser("report", help="the reference study's tables for a dataset, as Markdown")
     data_args(r, models=False)
-    r.add_argument("--k", type=int, default=50)
+    r.add_argument("--k", type=int, default=DEFAULT_K)
     r.add_argument("--top", type=int, default=3, help="rows per table")
 
     x = sub.add_parser("export", help="save a stored result (model, concatenation or head) as an ensemble artifact")
@@ -272,10 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from core.datasets import DatasetError
-    from core.metrics import MetricsError
-    from core.models import ModelError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if "worker" in argv:  # everything after "worker" belongs to the worker's own parser
         at = argv.index("worker")
@@ -287,8 +263,13 @@ def main(argv: list[str] | None = None) -> int:
                "demo": cmd_demo}
     try:
         return command[args.command](args)
-    except (DatasetError, ModelError, MetricsError, ValueError) as exc:  # the user's input: say what to fix
-        print(f"error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("stopped; nothing half-written was kept", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - one clear line, never a traceback (ENSEMBLE_DEBUG=1 shows it)
+        if os.environ.get("ENSEMBLE_DEBUG"):
+            raise
+        print(f"error: {user_message(error)}", file=sys.stderr)
         return 2
 
 

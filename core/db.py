@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 from typing import Any, Iterator
 
 from sqlalchemy import (
@@ -27,14 +28,13 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-
-RUN_KINDS = ("extract", "evaluate", "sweep", "fusion", "train_head")
 
 
 def utcnow() -> dt.datetime:
@@ -117,15 +117,21 @@ class Run(Base):
 
 
 class Result(Base):
-    """One method's metrics in a run: a single model ("tf_efficientnet_lite0") or an ensemble
-    ("lite0(3)+lite2(1)"). `is_oracle` marks numbers tuned on the split they are reported on."""
+    """One method's metrics in a run. The method is stored as data (core.methods.Method: kind, models,
+    weights, head_path; its label in `method`), with how its parameters were chosen (`selected_on`:
+    none | train | validation | eval). `is_oracle` = selected_on == "eval": tuned on the split it is
+    reported on."""
 
     __tablename__ = "results"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
-    method: Mapped[str] = mapped_column(Text)
+    method: Mapped[str] = mapped_column(Text)  # the method's label, e.g. "lite0(3)+lite2(1)"
+    kind: Mapped[str] = mapped_column(String(16), default="single")
+    models: Mapped[list[str]] = mapped_column(JSON, default=list)
     weights: Mapped[list[float] | None] = mapped_column(JSON, nullable=True)
+    head_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    selected_on: Mapped[str] = mapped_column(String(16), default="none")
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     split: Mapped[str] = mapped_column(String(32), default="eval")
     is_oracle: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -225,8 +231,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 
 def init_db(engine: Engine) -> None:
-    """Create missing tables (create_all). Once schemas must be kept across releases, this becomes
-    an Alembic migration history; until then a new column means a new workspace."""
+    """Create missing tables and bring an older runs DB up to this schema, keeping every row."""
     bind = engine.execution_options(**{_IMMEDIATE: True}) if engine.dialect.name == "sqlite" else engine
     # Several workers may start at once: one immediate transaction keeps their checks and CREATEs
     # from interleaving.
@@ -234,6 +239,47 @@ def init_db(engine: Engine) -> None:
         if engine.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(7207)"))  # any fixed key of ours
         Base.metadata.create_all(connection)
+        _add_method_columns(connection)
+
+
+# Columns added to `results` after the first release; a DB made before them gets them filled in.
+_METHOD_COLUMNS = {"kind": "VARCHAR(16)", "models": "JSON", "head_path": "TEXT", "selected_on": "VARCHAR(16)"}
+
+
+def _add_method_columns(connection) -> None:
+    present = {c["name"] for c in inspect(connection).get_columns("results")}
+    missing = [name for name in _METHOD_COLUMNS if name not in present]
+    if not missing:
+        return
+    for name in missing:
+        connection.execute(text(f"ALTER TABLE results ADD COLUMN {name} {_METHOD_COLUMNS[name]}"))
+    rows = connection.execute(text(
+        "SELECT results.id, results.method, results.weights, results.is_oracle, results.extra, runs.kind "
+        "FROM results JOIN runs ON runs.id = results.run_id")).all()
+    for row in rows:
+        connection.execute(
+            text("UPDATE results SET kind = :kind, models = :models, head_path = :head_path, "
+                 "selected_on = :selected_on WHERE id = :id"),
+            {"id": row.id, **_inferred_method(row)})
+
+
+def _inferred_method(row) -> dict[str, Any]:
+    """What the first release left implicit, read back from its rows (only ever used to migrate them)."""
+    load = lambda value: json.loads(value) if isinstance(value, str) else value  # noqa: E731
+    extra, weights = dict(load(row.extra) or {}), load(row.weights)
+    run_kind = extra.get("source_run_kind", row.kind)
+    models = list(extra.get("models") or ())
+    head_path = extra.get("head_path")
+    if run_kind == "train_head" or head_path:
+        kind, selected_on = "head", "validation"
+    elif weights is not None and sum(1 for w in weights if w) > 1:
+        kind, selected_on = "concat", "eval" if row.is_oracle else "train"
+    else:
+        kind, selected_on, head_path = "single", "none", None
+        if weights is not None and models:
+            models = [m for m, w in zip(models, weights) if w][:1]
+        models = models or [row.method]
+    return {"kind": kind, "models": json.dumps(models), "head_path": head_path, "selected_on": selected_on}
 
 
 @contextlib.contextmanager
@@ -374,18 +420,23 @@ def _json_safe(value: Any) -> Any:
 
 
 def add_results(session: Session, run_id: int, results: list[dict[str, Any]]) -> list[Result]:
-    """Each dict: method, metrics, and optionally weights, split, is_oracle, extra."""
+    """Each dict: "method" (a core.methods.Method), "metrics", "selected_on" (none | train | validation
+    | eval), and optionally "split" (default eval) and "extra"."""
     rows = []
     for r in results:
-        weights = r.get("weights")
+        method, selected_on = r["method"], r.get("selected_on", "none")
         rows.append(
             Result(
                 run_id=run_id,
-                method=str(r["method"]),
-                weights=[float(w) for w in weights] if weights is not None else None,
+                method=method.label,
+                kind=method.kind,
+                models=list(method.models),
+                weights=[float(w) for w in method.weights] if method.weights is not None else None,
+                head_path=method.head_path,
+                selected_on=selected_on,
                 metrics=_json_safe(dict(r.get("metrics", {}))),
                 split=r.get("split", "eval"),
-                is_oracle=bool(r.get("is_oracle", False)),
+                is_oracle=selected_on == "eval",
                 extra=_json_safe(r.get("extra")),
             )
         )

@@ -6,52 +6,20 @@ which are the ids the dashboard shows and puts in URLs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
+import torch
 
 from core.cache import EmbeddingCache
-from core.datasets import ImageSet
-from core.fusion import l2_normalize, weighted_concat
-from core.metrics import QueryScores, per_class_ap, per_query_scores
+from core.datasets import ImageSet, to_rgb
+from core.methods import Method
+from core.metrics import PER_QUERY, QueryScores, depth_needed, per_class_ap, per_query_scores, scores_from_relevance
 from core.models import cache_key_for
 from core.search import TorchSearch, top_k
 
-# QueryScores attribute behind each metric name the dashboard shows.
-PER_QUERY = {"map@k": "ap_at_k", "map@k_hits": "ap_at_k_hits", "map@r": "ap_at_r", "p@1": "p_at_1"}
-
-
 class ExplorerError(Exception):
     """Something the user can fix (usually: extract the missing embeddings first); the message says how."""
-
-
-@dataclass(frozen=True)
-class Method:
-    """How to turn cached per-model embeddings into one retrieval: one model, a weighted concatenation,
-    or a trained fusion head (head_path)."""
-
-    label: str
-    models: tuple[str, ...]
-    weights: tuple[float, ...] | None = None
-    head_path: str | None = None
-
-    @classmethod
-    def single(cls, model: str) -> "Method":
-        return cls(model, (model,))
-
-    @classmethod
-    def from_entry(cls, entry) -> "Method":
-        """From a core.leaderboard.Entry."""
-        if entry.kind == "head":
-            return cls(entry.method, tuple(entry.models), None, entry.head_path)
-        if entry.kind == "single":
-            return cls.single(entry.models[0])
-        if entry.weights is None:
-            raise ExplorerError(f"{entry.method}: a {entry.kind} result has no embedding to explore; "
-                                "pick a single model, a weighted concatenation or a trained head")
-        pairs = [(m, w) for m, w in zip(entry.models, entry.weights) if w]
-        return cls(entry.method, tuple(m for m, _ in pairs), tuple(w for _, w in pairs))
 
 
 def cached_arrays(cache: EmbeddingCache, imageset: ImageSet, models: Sequence[str]) -> dict[str, np.ndarray]:
@@ -67,21 +35,6 @@ def cached_arrays(cache: EmbeddingCache, imageset: ImageSet, models: Sequence[st
         raise ExplorerError(f"No cached embeddings of {imageset.name!r} for {', '.join(missing)}. "
                             "Extract them on the 'Data & models' page first.")
     return out
-
-
-def method_embeddings(method: Method, arrays: Mapping[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
-    """The method's L2-normalised embeddings of dataset `rows` (float32, rows x dim)."""
-    parts = [np.asarray(arrays[m][rows], dtype=np.float32) for m in method.models]
-    if method.head_path:
-        from core.heads import TrainedHead
-        try:
-            head = TrainedHead.load(method.head_path)
-        except FileNotFoundError as error:
-            raise ExplorerError(f"{method.label}: {error}. Train the head again on the Fusion page.") from error
-        return head.embed(parts)
-    if len(parts) == 1:
-        return l2_normalize(parts[0])
-    return weighted_concat(parts, method.weights or [1.0] * len(parts))
 
 
 def query_scores(embeddings: np.ndarray, labels: np.ndarray, k: int) -> QueryScores:
@@ -143,24 +96,20 @@ def per_class_difference(a: QueryScores, b: QueryScores, labels: np.ndarray, cla
 def embed_image(image, method: Method, loaded: Mapping[str, object]) -> np.ndarray:
     """A new PIL image in the method's embedding space (1 x dim, L2-normalised), using `loaded`
     (model name -> core.models.EmbeddingModel on the CPU)."""
-    import torch
-
-    image = image.convert("RGB")
-    parts = []
+    image = to_rgb(image)
+    parts = {}
     with torch.inference_mode():
         for name in method.models:
             model = loaded[name]
             batch = model.preprocess(image).unsqueeze(0).to(model.device)
-            parts.append(model.embed(batch).float().cpu().numpy())
-    return method_embeddings(method, dict(zip(method.models, parts)), np.array([0]))
+            parts[name] = model.embed(batch).float().cpu().numpy()
+    return method.embeddings(parts, np.array([0]))
 
 
 def query_view(embeddings: np.ndarray, labels: np.ndarray, position: int, k: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """One query's top-k (similarities, positions) and its AP@k (each convention) and P@1, from one search
     deep enough for exact map@r, so a page shows a query without scoring the whole eval set. NaN metrics
     when the query has no relevant item."""
-    from core.metrics import depth_needed, scores_from_relevance
-
     labels = np.asarray(labels)
     n_relevant = np.array([int((labels == labels[position]).sum()) - 1])
     depth = max(depth_needed(n_relevant, k, len(labels) - 1), min(k, len(labels) - 1))

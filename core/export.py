@@ -1,63 +1,53 @@
-"""The chosen ensemble as one artifact folder (JSON manifest + safetensors) that embeds new images."""
+"""A chosen method as one artifact folder (JSON manifest + safetensors) that embeds new images.
+
+The manifest stores the method as data (core.methods.Method), each model's cache key (so weights that
+changed since are refused), how the method was chosen (`selected_on`, `is_oracle`) and its metrics.
+"""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
-from core.fusion import weighted_concat
+from core import db
+from core.datasets import to_rgb
+from core.devices import resolve_device
+from core.extract import embed_batch
+from core.files import atomic_write, atomic_write_text
 from core.heads import TrainedHead
+from core.methods import Method, MethodError
+from core.models import cache_key_for, load_model
 
-FORMAT = "ensemble-explorer/ensemble@1"
+FORMAT = "ensemble-explorer/method@2"
 MANIFEST = "manifest.json"
 HEAD_FOLDER = "head"
 
 
-def save_ensemble(
-    path: str | os.PathLike,
-    models: Sequence[str],
-    *,
-    weights: Sequence[float] | None = None,
-    head: TrainedHead | None = None,
-    metrics: dict | None = None,
-    description: str = "",
-) -> Path:
-    """Write `path/` with manifest.json (models, their cache keys and dims, weights or head) and, for a
-    head, head/head.safetensors + head/head.json. Exactly one of `weights` and `head`. The folder
-    appears complete or not at all (built beside it, then renamed)."""
-    from core.models import cache_key_for
-
-    models = list(models)
-    if not models:
-        raise ValueError("an ensemble needs at least one model")
-    if (weights is None) == (head is None):
-        raise ValueError("give either concat weights or a trained head, not both and not neither")
-    if weights is not None:
-        weights = [float(w) for w in weights]
-        if len(weights) != len(models):
-            raise ValueError(f"{len(models)} models but {len(weights)} weights")
-        if not any(weights) or any(w < 0 for w in weights):
-            raise ValueError("weights must be non-negative with at least one above zero")
-        # a zero weight leaves the model out of the concat: leave it out of the artifact too, so
-        # embedding new images never runs a model whose features are thrown away
-        models, weights = [m for m, w in zip(models, weights) if w], [w for w in weights if w]
-    if head is not None and len(head.input_dims) != len(models):
-        raise ValueError(f"the head fuses {len(head.input_dims)} models but {len(models)} model names were given")
+def save_method(path: str | os.PathLike, method: Method, *, metrics: dict | None = None, selected_on: str = "none",
+                split: str = "eval", description: str = "") -> Path:
+    """Write `path/` with manifest.json and, for a head, head/head.safetensors + head/head.json. Models
+    with weight 0 are left out, so embedding new images never runs a model whose features are thrown
+    away. The folder appears complete or not at all (built beside it, then renamed)."""
+    if method.kind == "concat":
+        used = [(m, w) for m, w in zip(method.models, method.weights) if w]
+        method = Method("concat", tuple(m for m, _ in used), tuple(w for _, w in used), label=method.label)
+    head = TrainedHead.load(method.head_path) if method.kind == "head" else None
     manifest = {
         "format": FORMAT,
         "description": description,
-        "models": [{"name": m, "cache_key": cache_key_for(m)} for m in models],
-        "fusion": "weighted_concat" if head is None else "head",
-        "weights": weights,
-        "head": None if head is None else HEAD_FOLDER,
-        "input_dims": None if head is None else list(head.input_dims),
+        "method": {**method.to_dict(), "head_path": HEAD_FOLDER if head is not None else None},
+        "cache_keys": {m: cache_key_for(m) for m in method.models},
+        "selected_on": selected_on,
+        "is_oracle": selected_on == "eval",
+        "split": split,
         "metrics": metrics or {},
     }
     target = Path(path)
@@ -66,7 +56,7 @@ def save_ensemble(
     try:
         if head is not None:
             head.save(staging / HEAD_FOLDER)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2))
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -78,120 +68,82 @@ def save_ensemble(
 
 def export_result(engine, result_id: int, path: str | os.PathLike) -> Path:
     """Save a stored result (a single model, a weighted concatenation or a trained head) as an artifact."""
-    from core import db
-
     with db.read_session(engine) as session:
         result = session.get(db.Result, int(result_id))
         if result is None:
             raise ValueError(f"result {result_id} does not exist: `python -m core report` and the Runs page list them")
-        extra, weights = dict(result.extra or {}), result.weights
-        models = list(extra.get("models") or [result.method])
-        described = f"{result.method} (result {result.id}, run {result.run_id})"
-        metrics = dict(result.metrics or {})
-    if extra.get("head_path"):
-        return save_ensemble(path, models, head=TrainedHead.load(extra["head_path"]), metrics=metrics,
-                             description=described)
-    return save_ensemble(path, models, weights=weights or [1.0] * len(models), metrics=metrics,
-                         description=described)
+        method = Method(result.kind, tuple(result.models),
+                        tuple(result.weights) if result.weights is not None else None, result.head_path, result.method)
+        return save_method(path, method, metrics=dict(result.metrics or {}), selected_on=result.selected_on,
+                           split=result.split, description=f"{result.method} (result {result.id}, run {result.run_id})")
 
 
-@dataclass
-class Ensemble:
-    """A loaded artifact. `embed_arrays` is the dashboard path (cached per-model embeddings ->
-    L2-normalise -> weighted concat or head); `embed_images` runs the models first."""
+@dataclass(frozen=True)
+class Artifact:
+    """A loaded artifact: its method (a head's path points inside the artifact) and its manifest."""
 
-    models: list[str]
-    weights: list[float] | None = None
-    head: TrainedHead | None = None
-    cache_keys: list[str] = field(default_factory=list)
-    device: str = "cpu"
-    manifest: dict = field(default_factory=dict)
-    _loaded: list = field(default_factory=list, repr=False)
+    folder: Path
+    method: Method
+    manifest: dict
 
-    def embed_arrays(self, per_model: Sequence[np.ndarray]) -> np.ndarray:
-        if len(per_model) != len(self.models):
-            raise ValueError(f"this ensemble uses {len(self.models)} models but got {len(per_model)} embedding sets")
-        if self.head is not None:
-            return self.head.embed([np.asarray(e) for e in per_model])
-        return weighted_concat([np.asarray(e) for e in per_model], self.weights)
 
-    def _models(self):
-        if not self._loaded:
-            from core.models import load_model
+def load_artifact(path: str | os.PathLike) -> Artifact:
+    """Read an artifact written by `save_method`. Refuses one whose model weights changed since."""
+    folder = Path(path)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{folder} is not an exported method (no {MANIFEST}); export one from the "
+                                "Leaderboard or with `python -m core export` first")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{manifest_path} is not a readable manifest ({error}); export the method again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{folder}: unsupported artifact format {manifest.get('format') if isinstance(manifest, dict) else None!r}; "
+                         f"this version reads {FORMAT}. Export the method again.")
+    spec = dict(manifest["method"])
+    if spec.get("head_path"):
+        spec["head_path"] = str(folder / HEAD_FOLDER)
+    method = Method.from_dict(spec)
+    for name, key in manifest["cache_keys"].items():
+        now = cache_key_for(name)
+        if now != key:
+            raise ValueError(f"model {name!r} now resolves to different weights ({now}) than when this method "
+                             f"was exported ({key}); its vectors would not match. Re-export it.")
+    return Artifact(folder, method, manifest)
 
-            self._loaded = [load_model(name, self.device) for name in self.models]
-        return self._loaded
 
-    def embed_images(self, images: Sequence[Image.Image | str | os.PathLike], batch_size: int = 32) -> np.ndarray:
-        """PIL images or image paths -> N x dim float32, L2-normalised, as the dashboard would embed them."""
-        import torch
-
-        from core.extract import embed_batch  # the same batch step extraction uses (autocast on CUDA)
-
-        models = self._models()
-        outputs: list[list[np.ndarray]] = [[] for _ in models]
-        with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                pil = [_as_rgb(image) for image in images[start : start + batch_size]]
-                for out, model in zip(outputs, models):
-                    batch = torch.stack([model.preprocess(image) for image in pil])
-                    out.append(embed_batch(model, batch, self.device))
-        if not images:
-            return np.zeros((0, self.dim), np.float32)
-        return self.embed_arrays([np.concatenate(out) for out in outputs])
-
-    @property
-    def dim(self) -> int:
-        if self.head is not None:
-            return self.head.out_dim
-        return sum(m.dim for m, w in zip(self._models(), self.weights) if w != 0)
+def embed_images(artifact: Artifact, images: Sequence[Image.Image | str | os.PathLike], *, device: str | None = None,
+                 batch_size: int = 32) -> np.ndarray:
+    """PIL images or image paths -> N x dim float32, L2-normalised, as the dashboard embedded them."""
+    device = resolve_device(device)
+    models = [load_model(name, device) for name in artifact.method.models]
+    outputs: list[list[np.ndarray]] = [[] for _ in models]
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            pil = [_as_rgb(image) for image in images[start : start + batch_size]]
+            for out, model in zip(outputs, models):
+                out.append(embed_batch(model, torch.stack([model.preprocess(image) for image in pil]), device))
+    if not images:
+        raise MethodError("no images to embed")
+    arrays = {name: np.concatenate(out) for name, out in zip(artifact.method.models, outputs)}
+    return artifact.method.embeddings(arrays, np.arange(len(images)))
 
 
 def _as_rgb(image) -> Image.Image:
-    # Same decode as ImageSet.load_image, so a path gives the pixels the dashboard embedded.
+    # The same decode as ImageSet.load_image, so a path gives the pixels the dashboard embedded.
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     with Image.open(image) as opened:
-        return opened.convert("RGB")
-
-
-def load_ensemble(path: str | os.PathLike, device: str | None = None) -> Ensemble:
-    """Read an artifact written by `save_ensemble`. Refuses one whose model weights changed since."""
-    from core.models import cache_key_for
-
-    folder = Path(path)
-    manifest_path = folder / MANIFEST
-    if not manifest_path.exists():
-        raise FileNotFoundError(f"{folder} is not an ensemble artifact (no {MANIFEST}); export one from the dashboard first")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{folder}: unsupported artifact format {manifest.get('format')!r}; this version reads {FORMAT}")
-    models = [m["name"] for m in manifest["models"]]
-    keys = [m["cache_key"] for m in manifest["models"]]
-    for name, key in zip(models, keys):
-        now = cache_key_for(name)
-        if now != key:
-            raise ValueError(f"model {name!r} now resolves to different weights ({now}) than when this ensemble "
-                             f"was exported ({key}); its vectors would not match. Re-export the ensemble.")
-    head = TrainedHead.load(folder / manifest["head"]) if manifest.get("head") else None
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Ensemble(models=models, weights=manifest.get("weights"), head=head, cache_keys=keys, device=device, manifest=manifest)
+        return to_rgb(opened)
 
 
 def embed_command(artifact_path: str | os.PathLike, image_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike,
                   *, device: str | None = None, batch_size: int = 32) -> Path:
-    """`python -m core embed`: embed images with an exported ensemble into a float32 .npy (rows in the
+    """`python -m core embed`: embed images with an exported method into a float32 .npy (rows in the
     order given). Returns the written path."""
     missing = [str(p) for p in image_paths if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} image paths do not exist, e.g. {missing[:3]}")
-    vectors = load_ensemble(artifact_path, device).embed_images(list(image_paths), batch_size=batch_size)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npy")
-    np.save(tmp, vectors.astype(np.float32))
-    os.replace(tmp, out)
-    return out
+    vectors = embed_images(load_artifact(artifact_path), list(image_paths), device=device, batch_size=batch_size)
+    return atomic_write(out_path, lambda handle: np.save(handle, vectors.astype(np.float32), allow_pickle=False))

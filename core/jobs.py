@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import socket
-import threading
 import time
 from typing import Any, Iterable
 
@@ -28,7 +27,6 @@ from core.progress import JobCancelled, Reporter
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 ACTIVE = (QUEUED, RUNNING)
-FINAL = (DONE, FAILED, CANCELLED)
 
 
 class JobLost(JobCancelled):
@@ -323,15 +321,12 @@ def requeue_stale(engine: Engine, stale_after_s: float, max_attempts: int = 3) -
 
 
 class _JobChannel:
-    """Progress (throttled), curve rows and cancel checks of one job, written to the DB."""
+    """Progress (throttled) and cancel checks of one job, through the DB."""
 
     def __init__(self, engine: Engine, job_id: int, worker_id: str | None, min_interval_s: float):
         self.engine, self.job_id, self.worker_id = engine, job_id, worker_id
         self.min_interval_s = min_interval_s
         self._last_write = 0.0
-        self._pending: list[dict[str, Any]] = []
-        self._steps = 0
-        self._lock = threading.Lock()
 
     def progress(self, fraction: float, message: str) -> None:
         now = time.monotonic()
@@ -341,21 +336,6 @@ class _JobChannel:
         if not report_progress(self.engine, self.job_id, fraction, message, self.worker_id):
             raise JobLost(f"job {self.job_id} is no longer owned by this worker")
 
-    def metrics(self, values: dict[str, Any]) -> None:
-        from core.db import add_curve_point
-
-        with self._lock:
-            step = values.get("step", values.get("epoch", self._steps))
-            self._steps += 1
-            self._pending.append({"step": int(step), "values": values})
-            with begin_immediate(self.engine) as session:
-                run_id = session.scalar(select(Job.run_id).where(Job.id == self.job_id))
-                if run_id is None:  # the handler has not started its run yet: keep the rows
-                    return
-                for row in self._pending:
-                    add_curve_point(session, run_id, row["step"], row["values"])
-                self._pending.clear()
-
     def is_cancelled(self) -> bool:
         return is_cancel_requested(self.engine, self.job_id, self.worker_id)
 
@@ -364,8 +344,8 @@ def reporter_for(
     engine: Engine, job: Job | int, worker_id: str | None = None, *, min_interval_s: float = 0.5
 ) -> Reporter:
     """A Reporter whose progress lands in the job row (at most every `min_interval_s`, and always
-    at 100 %), whose metrics become rows of the job's run curve, and whose check_cancel reads the
-    cancel flag (and raises JobLost if `worker_id` no longer owns the job)."""
+    at 100 %) and whose check_cancel reads the cancel flag (and raises JobLost if `worker_id` no
+    longer owns the job). Curves are written by the handler into its own run."""
     job_id = job if isinstance(job, int) else job.id
     channel = _JobChannel(engine, job_id, worker_id, min_interval_s)
-    return Reporter(on_progress=channel.progress, is_cancelled=channel.is_cancelled, on_metrics=channel.metrics)
+    return Reporter(on_progress=channel.progress, is_cancelled=channel.is_cancelled)

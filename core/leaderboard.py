@@ -1,9 +1,9 @@
 """The leaderboard: every method measured on a dataset's eval split, read from the runs DB and ranked.
 
-A method is a single model, a weighted concatenation (from a sweep or promoted), or a trained fusion
-head. Sweep rows enter the board as the best concatenation of each model subset (labelled oracle:
-tuned on eval); any sweep row can be *promoted*, which records it in a run of kind "promote" that the
-board always shows.
+Each stored result carries its method (core.methods.Method) and how it was chosen (`selected_on`).
+A sweep enters the board as the best concatenation of each model subset (labelled oracle: tuned on
+eval); any result can be *promoted*, which records a copy in a run of kind "promote" that the board
+always shows.
 """
 from __future__ import annotations
 
@@ -11,53 +11,49 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from core import db
+from core.methods import Method
 from core.metrics import METRIC_KEYS
+from core.vectors import ratio_class
 
 PROMOTE_KIND = "promote"
 # Leaderboard columns in the order the dashboard shows them.
 # The key columns (what won, by how much) first; the details that identify it after.
-COLUMNS = ("method", "type", *METRIC_KEYS, "gain", "gain_%", "models", "n_models", "weights", "oracle",
-           "promoted", "run_id", "result_id")
+COLUMNS = ("method", "type", *METRIC_KEYS, "gain", "gain_%", "models", "n_models", "weights", "chosen on",
+           "oracle", "promoted", "run_id", "result_id")
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One stored result, in the user's words."""
+    """One stored result: a method, its metrics on a split, and how its parameters were chosen."""
 
     result_id: int
     run_id: int
     run_kind: str
-    method: str
-    kind: str  # "single" | "concat" | "head" | "fusion"
-    models: tuple[str, ...]
-    weights: tuple[float, ...] | None
+    method: Method
     metrics: dict = field(hash=False)
-    is_oracle: bool = False
+    selected_on: str = "none"
     promoted: bool = False
-    head_path: str | None = None
-    stored_weights: tuple[float, ...] | None = None  # as recorded (a sweep's (0, 2, 0) stays that, not "model b")
+    extra: dict = field(default_factory=dict, hash=False)  # what the run kept beside (a sweep's raw weight vector)
+
+    @property
+    def label(self) -> str:
+        return self.method.label
+
+    @property
+    def kind(self) -> str:
+        return self.method.kind
+
+    @property
+    def is_oracle(self) -> bool:
+        return self.selected_on == "eval"
 
     @property
     def k(self) -> int | None:
         k = self.metrics.get("k")
         return int(k) if k is not None else None
-
-    @property
-    def used_models(self) -> tuple[str, ...]:
-        """Models that contribute (non-zero weight)."""
-        if self.weights is None:
-            return self.models
-        return tuple(m for m, w in zip(self.models, self.weights) if w)
-
-    @property
-    def ratio(self) -> tuple[float, ...] | None:
-        if self.weights is None:
-            return None
-        top = max(self.weights)
-        return tuple(round(w / top, 9) for w in self.weights) if top else None
 
     def score(self, metric: str = "map@k") -> float:
         value = self.metrics.get(metric)
@@ -65,28 +61,10 @@ class Entry:
 
 
 def entry_from_result(result: db.Result) -> Entry:
-    run = result.run
-    extra = dict(result.extra or {})
-    kind_of_run = extra.get("source_run_kind", run.kind)
-    weights = stored = tuple(float(w) for w in result.weights) if result.weights is not None else None
-    models = tuple(extra.get("models") or ())
-    head_path = extra.get("head_path")
-    if kind_of_run == "train_head" or head_path:
-        kind = "head"
-    elif kind_of_run == "sweep" or (weights is not None and len(models) > 1 and kind_of_run != "fusion"):
-        kind = "concat"
-    elif kind_of_run == "fusion":
-        kind = "fusion"
-    else:
-        kind = "single"
-        models = models or (result.method,)
-    if kind == "concat" and weights is not None and sum(1 for w in weights if w) == 1:
-        # A sweep's one-model vector is that model alone.
-        kind, models, weights = "single", (models[[i for i, w in enumerate(weights) if w][0]],), None
-    method = result.method if kind != "single" else models[0]
-    oracle = bool(result.is_oracle) and kind != "single"  # a model alone has no tuned weights
-    return Entry(result.id, run.id, run.kind, method, kind, models, weights, dict(result.metrics or {}),
-                 oracle, run.kind == PROMOTE_KIND, head_path, stored)
+    method = Method(result.kind, tuple(result.models or ()), tuple(result.weights) if result.weights is not None else None,
+                    result.head_path, result.method)
+    return Entry(result.id, result.run.id, result.run.kind, method, dict(result.metrics or {}),
+                 result.selected_on, result.run.kind == PROMOTE_KIND, dict(result.extra or {}))
 
 
 def entries_for_dataset(engine: Engine, fingerprint: str) -> list[Entry]:
@@ -110,30 +88,21 @@ def _finite(x: float) -> float:
 
 
 def board(entries: Sequence[Entry], k: int, metric: str = "map@k") -> list[Entry]:
-    """The leaderboard at cut-off k: the newest result of each single model, the best concatenation of
-    each model subset, every head and rank-fusion result, every promoted result; best `metric` first."""
+    """The leaderboard at cut-off k: per method (weights that are multiples of each other are one
+    method), the newest result of each way of choosing it (a promoted copy first), and of a sweep's
+    many concatenations of the same models only the best; best `metric` first."""
     at_k = [e for e in entries if e.k == k]
     chosen: dict[tuple, Entry] = {}
-    subsets: dict[frozenset, list[Entry]] = {}
-    for e in at_k:
-        if e.kind == "single":
-            chosen.setdefault(("single", e.models[0]), e)
-        elif e.kind == "concat" and not e.promoted:
-            subsets.setdefault(frozenset(e.used_models), []).append(e)
-        elif e.promoted:
-            chosen.setdefault(("promoted", e.kind, e.used_models, e.ratio, e.head_path, e.method), e)
+    best_of_sweep: dict[tuple, list[Entry]] = {}
+    for e in sorted(at_k, key=lambda e: not e.promoted):  # stable: newest first within each group
+        if e.run_kind == "sweep":
+            best_of_sweep.setdefault((frozenset(e.method.used_models), e.selected_on), []).append(e)
         else:
-            chosen.setdefault((e.kind, e.method, e.models, e.run_id), e)
-    for group in subsets.values():
+            chosen.setdefault((e.method.identity, e.selected_on), e)
+    for group in best_of_sweep.values():
         best = _best(group, metric)
-        chosen.setdefault(("concat", frozenset(best.used_models), best.ratio), best)
-    # A promoted row replaces the identical sweep row or head instead of appearing twice.
-    promoted_keys = {(e.used_models, e.ratio) for e in chosen.values() if e.promoted and e.kind == "concat"}
-    promoted_heads = {e.head_path for e in chosen.values() if e.promoted and e.head_path}
-    rows = [e for key, e in chosen.items()
-            if not (key[0] == "concat" and (e.used_models, e.ratio) in promoted_keys)
-            and not (not e.promoted and e.head_path and e.head_path in promoted_heads)]
-    return sorted(rows, key=lambda e: -_finite(e.score(metric)))
+        chosen.setdefault((best.method.identity, best.selected_on), best)
+    return sorted(chosen.values(), key=lambda e: -_finite(e.score(metric)))
 
 
 def best_single(entries: Sequence[Entry], metric: str = "map@k") -> Entry | None:
@@ -141,10 +110,35 @@ def best_single(entries: Sequence[Entry], metric: str = "map@k") -> Entry | None
     return _best(singles, metric) if singles else None
 
 
+@dataclass(frozen=True)
+class Headline:
+    """The answer to "is an ensemble better, and by how much?" at one k: the best single model, the best
+    ensemble chosen without the eval split (the honest one), and the best tuned on eval (the oracle)."""
+
+    k: int
+    metric: str
+    best_single: Entry | None
+    best_ensemble: Entry | None  # chosen on train or validation, or with nothing tuned
+    best_oracle: Entry | None  # tuned on the eval split it is scored on: always labelled oracle
+
+    def gain(self, entry: Entry | None) -> float:
+        if entry is None or self.best_single is None:
+            return float("nan")
+        return entry.score(self.metric) - self.best_single.score(self.metric)
+
+
+def headline(entries: Sequence[Entry], k: int, metric: str = "map@k") -> Headline:
+    at_k = board(entries, k, metric)
+    singles = [e for e in at_k if e.kind == "single"]
+    honest = [e for e in at_k if e.kind != "single" and not e.is_oracle]
+    oracle = [e for e in at_k if e.kind != "single" and e.is_oracle]
+    return Headline(k, metric, *(_best(group, metric) if group else None for group in (singles, honest, oracle)))
+
+
 def _weights_text(e: Entry) -> str:
-    if e.weights is None:
+    if e.method.weights is None:
         return ""
-    return ", ".join(f"{w:g}" for w in e.weights)
+    return ", ".join(f"{w:g}" for w in e.method.weights)
 
 
 def rows(entries: Sequence[Entry], metric: str = "map@k") -> list[dict]:
@@ -156,10 +150,11 @@ def rows(entries: Sequence[Entry], metric: str = "map@k") -> list[dict]:
         value = e.score(metric)
         gain = value - ref if reference is not None else float("nan")
         out.append({
-            "method": e.method, "type": e.kind, **{key: e.score(key) for key in METRIC_KEYS},
+            "method": e.label, "type": e.kind, **{key: e.score(key) for key in METRIC_KEYS},
             "gain": gain, "gain_%": 100.0 * gain / ref if ref and ref == ref else float("nan"),
-            "models": " + ".join(e.used_models), "n_models": len(e.used_models), "weights": _weights_text(e),
-            "oracle": e.is_oracle, "promoted": e.promoted, "run_id": e.run_id, "result_id": e.result_id,
+            "models": " + ".join(e.method.used_models), "n_models": len(e.method.used_models),
+            "weights": _weights_text(e), "chosen on": e.selected_on, "oracle": e.is_oracle,
+            "promoted": e.promoted, "run_id": e.run_id, "result_id": e.result_id,
         })
     return out
 
@@ -170,12 +165,12 @@ def best_by_model_count(entries: Sequence[Entry], k: int, metric: str = "map@k",
     reference = best_single(at_k, metric)
     out = []
     for n in range(1, max_models + 1):
-        group = [e for e in at_k if len(e.used_models) == n]
+        group = [e for e in at_k if len(e.method.used_models) == n]
         if not group:
             continue
         best = _best(group, metric)
         ref = reference.score(metric) if reference else float("nan")
-        out.append({"models in ensemble": n, "method": best.method, "weights": _weights_text(best),
+        out.append({"models in ensemble": n, "method": best.label, "weights": _weights_text(best),
                     metric: best.score(metric),
                     "gain": best.score(metric) - ref, "oracle": best.is_oracle, "result_id": best.result_id})
     return out
@@ -192,15 +187,14 @@ def promote(engine: Engine, result_id: int, note: str = "") -> int:
                     if (r.config or {}).get("result_id") == result_id]
         if existing:
             return existing[0].id
-        run_kind = source.run.kind
+        entry = entry_from_result(source)
         run = db.start_run(session, kind=PROMOTE_KIND, title=f"promoted {source.method} from run {source.run_id}",
                            config={"result_id": result_id, "run_id": source.run_id, "note": note},
                            dataset_id=source.run.dataset_id)
         extra = dict(source.extra or {})
-        extra.update(promoted_from_result=result_id, promoted_from_run=source.run_id, source_run_kind=run_kind)
-        db.finish_run(session, run.id, [{"method": source.method, "weights": source.weights,
-                                         "metrics": dict(source.metrics or {}), "split": source.split,
-                                         "is_oracle": source.is_oracle, "extra": extra}])
+        extra.update(promoted_from_result=result_id, promoted_from_run=source.run_id)
+        db.finish_run(session, run.id, [{"method": entry.method, "metrics": entry.metrics, "split": source.split,
+                                         "selected_on": entry.selected_on, "extra": extra}])
         return run.id
 
 
@@ -232,7 +226,6 @@ def run_results(engine: Engine, run_id: int) -> tuple[db.Run | None, list[Entry]
 
 def runs_for_dataset(engine: Engine, fingerprint: str, kind: str | None = None, limit: int = 200) -> list[db.Run]:
     """Runs on this dataset (of `kind`), newest first."""
-    from sqlalchemy import select
     query = (select(db.Run).join(db.Dataset, db.Run.dataset_id == db.Dataset.id)
              .where(db.Dataset.fingerprint == fingerprint).order_by(db.Run.started.desc(), db.Run.id.desc()).limit(limit))
     if kind is not None:
@@ -248,28 +241,19 @@ def sweep_rows(entries: Sequence[Entry], models: Sequence[str], metric: str = "m
     if not entries:
         return []
     models = tuple(models)
-
-    def weights_of(e: Entry) -> tuple[float, ...]:
-        if e.stored_weights is not None:
-            return e.stored_weights
-        return tuple(1.0 if m in e.used_models else 0.0 for m in models)
-
-    def ratio_of(w: tuple[float, ...]) -> tuple[float, ...]:
-        top = max(w)
-        return tuple(round(x / top, 9) for x in w)
-
+    vector = {e.result_id: tuple(float(w) for w in e.extra.get("vector", ())) for e in entries}
     first_of: dict[tuple, tuple] = {}
-    for w in sorted((weights_of(e) for e in entries), key=lambda w: (sum(w), w)):
-        first_of.setdefault(ratio_of(w), w)
+    for w in sorted(vector.values(), key=lambda w: (sum(w), w)):
+        first_of.setdefault(ratio_class(w), w)
     classes = {ratio: i for i, ratio in enumerate(first_of)}
     out = []
     for rank, e in enumerate(sorted(entries, key=lambda e: -_finite(e.score(metric))), start=1):
-        w = weights_of(e)
-        same = first_of[ratio_of(w)]
-        out.append({"rank": rank, "method": e.method,
+        w = vector[e.result_id]
+        same = first_of[ratio_class(w)]
+        out.append({"rank": rank, "method": e.label,
                     **{f"w:{m}": x for m, x in zip(models, w)},
                     **{k: e.score(k) for k in METRIC_KEYS},
-                    "ratio class": classes[ratio_of(w)],
+                    "ratio class": classes[ratio_class(w)],
                     "same as": "" if same == w else ", ".join(f"{x:g}" for x in same),
-                    "oracle": True, "result_id": e.result_id})
+                    "oracle": e.is_oracle, "result_id": e.result_id})
     return out

@@ -1,203 +1,229 @@
-"""Job kinds: the handlers that turn a queued job into core calls and rows in the runs database.
+"""Job kinds: the handlers that turn a queued job's typed settings into core calls and rows in the runs DB.
 
-A handler is `handler(params, reporter, workspace, engine) -> run_id | None`. It is the only place
-where a job's params become function arguments, so pages and the CLI submit plain JSON and never
-import the heavy modules; those are imported inside the handlers, in the worker process only.
+A handler is registered for a settings class (core.configs) and called as
+`handler(settings, reporter, workspace, engine) -> run_id | None`. `run_job` is the one way in: it
+parses the stored params into the settings class, so a job with unknown or out-of-range values fails
+with the validation message before any work starts.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+import contextvars
+from typing import Any, Callable, Mapping
 
+import numpy as np
 from sqlalchemy import Engine
 
-from core.progress import Reporter
+from core import db
+from core.cache import EmbeddingCache, EmbeddingSet
+from core.configs import EvaluateConfig, ExtractConfig, Settings, SweepConfig, TrainHeadConfig
+from core.datasets import ImageSet, open_dataset
+from core.extract import extract_embeddings
+from core.heads import checkpoint_key, clear_checkpoint, head_label, train_fusion_head
+from core.jobs import current_job_id
+from core.methods import Method
+from core.metrics import evaluate as evaluate_embeddings
+from core.progress import JobCancelled, Reporter
+from core.sweep import grid_sweep, random_sweep
 from core.workspace import Workspace
 
-
-class Handler(Protocol):
-    def __call__(self, params: dict[str, Any], reporter: Reporter, workspace: Workspace, engine: Engine) -> int | None: ...
+Handler = Callable[[Any, Reporter, Workspace, Engine], "int | None"]
 
 
 class UnknownJobKind(ValueError):
     pass
 
 
-_HANDLERS: dict[str, Handler] = {}
+_HANDLERS: dict[str, tuple[type[Settings], Handler]] = {}
 
 
-def job_kind(name: str) -> Callable[[Handler], Handler]:
-    """Register a handler under a job kind (one handler per kind)."""
+def job_kind(settings: type[Settings]) -> Callable[[Handler], Handler]:
+    """Register the handler of the job kind `settings.kind` (one handler per kind)."""
 
     def register(handler: Handler) -> Handler:
-        previous = _HANDLERS.get(name)
-        if previous is not None and getattr(previous, "__qualname__", None) != getattr(handler, "__qualname__", None):
-            raise ValueError(f"job kind {name!r} is already handled by {previous!r}")
-        _HANDLERS[name] = handler
+        previous = _HANDLERS.get(settings.kind)
+        if previous is not None and previous[1].__qualname__ != handler.__qualname__:
+            raise ValueError(f"job kind {settings.kind!r} is already handled by {previous[1]!r}")
+        _HANDLERS[settings.kind] = (settings, handler)
         return handler
 
     return register
 
 
-def handler_for(kind: str) -> Handler:
+def run_job(kind: str, params: Mapping[str, Any], reporter: Reporter, workspace: Workspace,
+            engine: Engine) -> int | None:
+    """Parse `params` into the kind's settings and run its handler."""
     try:
-        return _HANDLERS[kind]
+        settings, handler = _HANDLERS[kind]
     except KeyError:
         raise UnknownJobKind(
             f"no handler for job kind {kind!r}; this worker knows {', '.join(sorted(_HANDLERS)) or 'none'}. "
             "Is the worker older than the dashboard that submitted the job?"
         ) from None
+    config = settings.from_dict(params)
+    token = _opened_runs.set([])
+    try:
+        return handler(config, reporter, workspace, engine)
+    except BaseException as error:
+        # Whatever stopped the handler (an error, a cancel, Ctrl-C in the CLI), its run must not stay "running".
+        status = "cancelled" if isinstance(error, (JobCancelled, KeyboardInterrupt)) else "failed"
+        _close_opened_runs(engine, status, f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        _opened_runs.reset(token)
+
+
+_opened_runs: contextvars.ContextVar[list[int]] = contextvars.ContextVar("opened_runs", default=[])
+
+
+def _close_opened_runs(engine: Engine, status: str, reason: str) -> None:
+    try:
+        with db.begin_immediate(engine) as session:
+            for run_id in _opened_runs.get():
+                run = session.get(db.Run, run_id)
+                if run is not None and run.status == "running":
+                    db.fail_run(session, run_id, reason, status=status)
+    except Exception:  # noqa: BLE001 - the DB itself may be what failed; the original error says more
+        pass
 
 
 # --- shared steps --------------------------------------------------------------------------------
 
 
-def _open(params: dict[str, Any], workspace: Workspace):
-    from core.datasets import open_dataset
-
-    return open_dataset(params["dataset"], workspace, limit_per_class=params.get("limit_per_class"))
-
-
-def _record_dataset(session, imageset, source: str):
-    from core import db
-
-    return db.record_dataset(
-        session,
-        name=imageset.name,
-        source=source,
-        fingerprint=imageset.fingerprint,
-        n_images=len(imageset),
-        n_classes=len(imageset.class_names),
-        n_skipped=len(imageset.skipped),
-    )
-
-
-def _embedding_sets(imageset, models: list[str], workspace: Workspace, device: str | None, reporter: Reporter):
-    """The models' embeddings of `imageset`, in the order of `models`: read from the cache, or
-    extracted (and cached) for the ones that are missing."""
-    from core.cache import EmbeddingCache
-    from core.extract import extract_embeddings
-
-    sets = extract_embeddings(
-        imageset, models, EmbeddingCache(workspace.embeddings), device=device, reporter=reporter
-    )
-    return [sets[m] for m in models]
-
-
-def _eval_rows(imageset):
-    return imageset.split("eval")
-
-
-def _short_name(model: str) -> str:
-    """'tf_efficientnet_lite0' -> 'lite0' for ensemble labels, as the reference study wrote them."""
-    name = model.split("/")[-1].split(":")[-1].split(".")[0]
-    for prefix in ("tf_efficientnet_", "efficientnet_", "tf_"):
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
-
-
-def _start(kind: str, title: str, params: dict[str, Any], workspace: Workspace, engine: Engine, imageset=None):
-    """Open (unless given) and record the job's dataset and open its run, linked to the job so the
-    dashboard shows the run while it works. `title` may name {dataset}. Returns (imageset, dataset id, run id)."""
-    from core import db
-    from core.jobs import current_job_id
-
-    imageset = imageset if imageset is not None else _open(params, workspace)
+def _start(kind: str, title: str, config, workspace: Workspace, engine: Engine) -> tuple[ImageSet, int]:
+    """Open and record the job's dataset and open its run, linked to the job so the dashboard shows
+    the run while it works. `title` may name {dataset}. Returns (imageset, run id)."""
+    imageset = open_dataset(config.dataset, workspace, limit_per_class=config.limit_per_class)
     with db.begin_immediate(engine) as session:
-        dataset = _record_dataset(session, imageset, params["dataset"])
-        run = db.start_run(session, kind=kind, title=title.format(dataset=dataset.name), config=params,
+        dataset = db.record_dataset(
+            session, name=imageset.name, source=config.dataset, fingerprint=imageset.fingerprint,
+            n_images=len(imageset), n_classes=len(imageset.class_names), n_skipped=len(imageset.skipped),
+        )
+        run = db.start_run(session, kind=kind, title=title.format(dataset=dataset.name), config=config.to_dict(),
                            dataset_id=dataset.id, job_id=current_job_id())
-        return imageset, dataset.id, run.id
+    _opened_runs.get().append(run.id)
+    return imageset, run.id
+
+
+def _embeddings(imageset: ImageSet, config, workspace: Workspace, reporter: Reporter, *,
+                force: bool = False) -> list[EmbeddingSet]:
+    """The models' embeddings of `imageset`, in the order of `config.models`: read from the cache, or
+    extracted (and cached) for the ones that are missing."""
+    device = None if config.device == "auto" else config.device
+    sets = extract_embeddings(imageset, list(config.models), EmbeddingCache(workspace.embeddings),
+                              device=device, reporter=reporter, force=force)
+    return [sets[m] for m in config.models]
+
+
+def _finish(engine: Engine, run_id: int, results: list[dict[str, Any]]) -> int:
+    with db.begin_immediate(engine) as session:
+        db.finish_run(session, run_id, results)
+    return run_id
+
+
+def _check_k(k: int, n_eval: int) -> None:
+    if k > n_eval - 1:
+        raise ValueError(f"k={k} but the eval split has only {n_eval} images ({n_eval - 1} to retrieve per "
+                         f"query); choose k of at most {max(1, n_eval - 1)}")
 
 
 # --- job kinds -----------------------------------------------------------------------------------
 
 
-@job_kind("extract")
-def extract(params: dict[str, Any], reporter: Reporter, workspace: Workspace, engine: Engine) -> int:
-    """params: dataset (source: "demo" | folder | csv), limit_per_class, models, device."""
-    from core import db
-
-    imageset, dataset_id, run_id = _start("extract", f"extract {', '.join(params['models'])} on {{dataset}}",
-                                          params, workspace, engine)
-    sets = _embedding_sets(imageset, list(params["models"]), workspace, params.get("device"), reporter)
+@job_kind(ExtractConfig)
+def extract(config: ExtractConfig, reporter: Reporter, workspace: Workspace, engine: Engine) -> int:
+    imageset, run_id = _start("extract", f"extract {', '.join(config.models)} on {{dataset}}", config, workspace, engine)
+    sets = _embeddings(imageset, config, workspace, reporter, force=config.force)
     with db.begin_immediate(engine) as session:
+        dataset = db.get_dataset(session, imageset.fingerprint)
         for es in sets:
             db.record_model(session, name=es.model_name, dim=es.dim)
             db.record_embedding_set(
-                session, dataset_id=dataset_id, model_name=es.model_name, cache_key=es.cache_key,
+                session, dataset_id=dataset.id, model_name=es.model_name, cache_key=es.cache_key,
                 path=str(es.path), n=es.n, dim=es.dim, dtype=es.dtype,
             )
         db.finish_run(session, run_id, [])
     return run_id
 
 
-@job_kind("evaluate")
-def evaluate(params: dict[str, Any], reporter: Reporter, workspace: Workspace, engine: Engine) -> int:
-    """params: dataset, models, k (and limit_per_class, device as for extract). One result per model."""
-    from core import db
-    from core.metrics import evaluate as evaluate_embeddings
-
-    k = int(params.get("k", 50))
-    imageset, _, run_id = _start("evaluate", f"evaluate {len(params['models'])} models, k={k}", params, workspace, engine)
-    sets = _embedding_sets(imageset, list(params["models"]), workspace, params.get("device"), reporter)
-    rows = _eval_rows(imageset)
+@job_kind(EvaluateConfig)
+def evaluate(config: EvaluateConfig, reporter: Reporter, workspace: Workspace, engine: Engine) -> int:
+    """One result per model, scored on the eval split."""
+    imageset, run_id = _start("evaluate", f"evaluate {len(config.models)} models, k={config.k}", config, workspace, engine)
+    rows = imageset.split("eval")
+    _check_k(config.k, len(rows))
+    sets = _embeddings(imageset, config, workspace, reporter)
     labels = imageset.labels[rows]
     results = []
-    for i, (model, es) in enumerate(zip(params["models"], sets)):
+    for i, (model, es) in enumerate(zip(config.models, sets)):
         reporter.check_cancel()
-        metrics = evaluate_embeddings(es.load()[rows], labels, k)
-        results.append({"method": model, "metrics": metrics, "split": "eval", "is_oracle": False})
+        metrics = evaluate_embeddings(es.load()[rows], labels, config.k)
+        results.append({"method": Method.single(model), "metrics": metrics, "selected_on": "none"})
         reporter.progress((i + 1) / len(sets), f"evaluated {model}")
-    with db.begin_immediate(engine) as session:
-        db.finish_run(session, run_id, results)
-    return run_id
+    return _finish(engine, run_id, results)
 
 
-@job_kind("sweep")
-def sweep(params: dict[str, Any], reporter: Reporter, workspace: Workspace, engine: Engine) -> int:
-    """params: dataset, models, weights (the grid values, e.g. 0..5), k; or search="random" with
-    n_samples for continuous weights. Every weight vector is a result, labelled like "lite0(3)+lite2(1)"
-    and marked oracle: it is tuned on the eval split."""
-    from core import db
-    from core.sweep import grid_sweep, label_weights, random_sweep
-
-    k = int(params.get("k", 50))
-    models = list(params["models"])
-    imageset, _, run_id = _start("sweep", f"weight sweep over {len(models)} models, k={k}", params, workspace, engine)
-    sets = _embedding_sets(imageset, models, workspace, params.get("device"), reporter)
-    rows = _eval_rows(imageset)
+@job_kind(SweepConfig)
+def sweep(config: SweepConfig, reporter: Reporter, workspace: Workspace, engine: Engine) -> int:
+    """Every weight vector is a result, labelled like "lite0(3)+lite2(1)". Vectors over two or more
+    models are oracle numbers (tuned on the eval split they are scored on); a vector with one non-zero
+    weight is that model alone, with nothing tuned."""
+    models = list(config.models)
+    imageset, run_id = _start("sweep", f"weight sweep over {len(models)} models, k={config.k}", config, workspace, engine)
+    rows = imageset.split("eval")
+    _check_k(config.k, len(rows))
+    sets = _embeddings(imageset, config, workspace, reporter)
     arrays, labels = [es.load()[rows] for es in sets], imageset.labels[rows]
-    if params.get("search") == "random":
-        rows_by_weights = random_sweep(arrays, labels, n_samples=int(params.get("n_samples", 256)), k=k,
-                                       reporter=reporter)
+    if config.search == "random":
+        scored = random_sweep(arrays, labels, n_samples=config.n_samples, k=config.k, reporter=reporter)
     else:
-        rows_by_weights = grid_sweep(arrays, labels, weights=params.get("weights", (0, 1, 2, 3, 4, 5)), k=k,
-                                     reporter=reporter)
-    names = [_short_name(m) for m in models]
+        scored = grid_sweep(arrays, labels, weights=config.weights, k=config.k, reporter=reporter)
     results = []
-    for row in rows_by_weights:
-        weights = list(row["weights"])
+    for row in scored:
+        method = Method.concat(models, row["weights"])
         metrics = {key: value for key, value in row.items() if key not in ("weights", "ratio")}
-        results.append(
-            {
-                "method": label_weights(weights, names),
-                "weights": weights,
-                "metrics": metrics,
-                "split": "eval",
-                "is_oracle": True,
-                "extra": {"ratio": list(row.get("ratio", ())), "models": models},
-            }
-        )
-    with db.begin_immediate(engine) as session:
-        db.finish_run(session, run_id, results)
+        results.append({"method": method, "metrics": metrics,
+                        "selected_on": "eval" if method.kind == "concat" else "none",
+                        "extra": {"vector": [float(w) for w in row["weights"]]}})
+    return _finish(engine, run_id, results)
+
+
+@job_kind(TrainHeadConfig)
+def train_head(config: TrainHeadConfig, reporter: Reporter, workspace: Workspace, engine: Engine) -> int:
+    """Trains on the dataset's train split (early-stopped on a validation part of it), reports on its
+    eval split, saves the head under workspace.heads/run-<id>; a re-run after a kill resumes from the
+    last epoch's checkpoint."""
+    head_config, models = config.head, list(config.models)
+    imageset, run_id = _start("train_head", f"{head_label(head_config)} over {', '.join(models)}", config,
+                              workspace, engine)
+    train_rows, eval_rows = imageset.split("train"), imageset.split("eval")
+    if len(train_rows) == 0:
+        raise ValueError(f"dataset {imageset.name!r} has no train split; a fusion head is fitted on train "
+                         "rows and reported on eval rows (give the manifest a split column or train/ and eval/ folders)")
+    _check_k(config.k, len(eval_rows))
+    imageset.check_disjoint(train_rows, eval_rows)
+    arrays = [es.load() for es in _embeddings(imageset, config, workspace, reporter)]
+
+    def record_point(values: dict) -> None:
+        with db.begin_immediate(engine) as session:
+            db.add_curve_point(session, run_id, int(values.get("epoch", 0)), values)
+        reporter.metrics(**values)
+
+    live = Reporter(on_progress=reporter.progress, is_cancelled=reporter.is_cancelled, on_metrics=record_point)
+    labels = np.asarray(imageset.labels)
+    checkpoints = workspace.heads / "checkpoints" / checkpoint_key(imageset.fingerprint, models, head_config)
+    head = train_fusion_head(
+        [a[train_rows] for a in arrays], labels[train_rows], head_config,
+        eval_embeddings=[a[eval_rows] for a in arrays], eval_labels=labels[eval_rows],
+        train_rows=train_rows, eval_rows=eval_rows, reporter=live,
+        device=None if config.device == "auto" else config.device,
+        checkpoint_dir=checkpoints, model_names=models,
+    )
+    folder = head.save(workspace.heads / f"run-{run_id}")
+    metrics = evaluate_embeddings(head.embed([a[eval_rows] for a in arrays]), labels[eval_rows], config.k)
+    extra = {"best_epoch": head.best_epoch, "val_map": head.best_val, "split_sizes": head.split}
+    if head_config.kind == "learned_ratio":
+        extra["learned_weights"] = head.module().weights
+    _finish(engine, run_id, [{"method": Method.head(models, str(folder), head_label(head_config)),
+                              "metrics": metrics, "selected_on": "validation", "extra": extra}])
+    clear_checkpoint(checkpoints)  # finished: nothing left to resume
     return run_id
-
-
-@job_kind("train_head")
-def train_head(params: dict[str, Any], reporter: Reporter, workspace: Workspace, engine: Engine) -> int | None:
-    """Fusion-head training lives in core.heads; it starts its own run (with job_id=current_job_id())
-    so its curve shows while it trains."""
-    from core.heads import run_training_job
-
-    return run_training_job(params, reporter, workspace, engine)

@@ -26,6 +26,7 @@ from sqlalchemy.exc import OperationalError
 from core import jobs
 from core.db import Job, init_db, make_engine
 from core.progress import JobCancelled, Reporter
+from core.tasks import run_job
 from core.workspace import Workspace
 
 log = logging.getLogger("core.worker")
@@ -54,11 +55,8 @@ class LocalExecutor:
         self.workspace, self.engine = workspace, engine
 
     def run(self, job: Job, reporter: Reporter) -> int | None:
-        from core.tasks import handler_for
-
-        handler = handler_for(job.kind)
         with jobs.running(job.id):
-            return handler(dict(job.params), reporter, self.workspace, self.engine)
+            return run_job(job.kind, dict(job.params), reporter, self.workspace, self.engine)
 
 
 @dataclass

@@ -35,7 +35,9 @@ def test_model_status_knows_what_is_cached(image_folder, workspace):
 
 
 def test_demo_plan_names_the_four_packaged_models():
-    plan = catalog.demo_jobs()
-    assert [kind for kind, _ in plan] == ["extract", "evaluate", "sweep"]
-    assert all(p["dataset"] == "demo" and p["models"] == list(catalog.DEMO_MODELS) for _, p in plan)
-    assert plan[2][1]["weights"] == [0, 1, 2, 3, 4, 5]  # the reference study's grid
+    from core.configs import DEMO_MODELS, demo_jobs
+
+    plan = demo_jobs()
+    assert [c.kind for c in plan] == ["extract", "evaluate", "sweep"]
+    assert all(c.dataset == "demo" and c.models == DEMO_MODELS for c in plan)
+    assert plan[2].weights == (0, 1, 2, 3, 4, 5)  # the reference study's grid

@@ -47,7 +47,8 @@ def test_evaluate_sweep_report_and_export_on_a_folder(folder, tmp_path):
     assert all(r["n_queries"] == 12 and 0 <= r["map@k"] <= 1 for r in rows)  # the corrupt file is skipped
     swept = json.loads(cli(tmp_path, "sweep", "--dataset", str(folder), "--models", MODELS, "--k", "3",
                            "--weights", "0,1,2", "--json", "--top", "0").stdout)
-    assert len(swept) == 8 and all(r["oracle"] for r in swept)
+    assert len(swept) == 8
+    assert sorted(r["chosen on"] for r in swept) == ["eval"] * 4 + ["none"] * 4  # one model alone is not tuned
     report = cli(tmp_path, "report", "--dataset", str(folder), "--k", "3").stdout
     assert "## Single models" in report and "## Best 2-model concatenations" in report and "map@k_hits" in report
     out = tmp_path / "artifact"
@@ -65,9 +66,24 @@ def test_evaluate_sweep_report_and_export_on_a_folder(folder, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("evaluate", "--dataset", "/no/such/folder", "--models", MODELS), "neither 'demo', an existing folder"),
-    (("evaluate", "--dataset", "{folder}", "--models", "no_such_model"), "no_such_model"),
+    (("evaluate", "--dataset", "{folder}", "--models", "no_such_model", "--k", "3"), "no_such_model"),
     (("report", "--dataset", "{folder}"), "No results"),
+    (("sweep", "--dataset", "{folder}", "--models", MODELS, "--weights", "1e20,1", "--k", "3"), "out of range"),
+    (("sweep", "--dataset", "{folder}", "--models", MODELS, "--weights", "nan,1"), "not a finite number"),
+    (("sweep", "--dataset", "{folder}", "--models", MODELS, "--weights", "1e-25,1"), "out of range"),
+    (("sweep", "--dataset", "{folder}", "--models", MODELS, "--weights", ",".join(str(0.25 * i) for i in range(401))),
+     "weight vectors"),
+    (("evaluate", "--dataset", "{folder}", "--models", MODELS, "--k", "0"), "k must be between"),
+    (("evaluate", "--dataset", "{folder}", "--models", MODELS, "--k", "100000"), "k must be between"),
+    (("evaluate", "--dataset", "{folder}", "--models", MODELS, "--k", "500"), "choose k of at most"),
+    (("embed", "{folder}", "x.png", "--out", "v.npy"), "no such file"),
 ])
-def test_user_errors_are_one_clear_line(folder, tmp_path, args, message):
+def test_user_errors_are_one_clear_line_and_leave_no_run_running(folder, tmp_path, args, message):
     proc = cli(tmp_path, *(a.format(folder=folder) for a in args), ok=False)
     assert proc.returncode in (1, 2) and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    from core import db
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'runs.db'}")
+    db.init_db(engine)
+    with db.read_session(engine) as session:
+        assert [r.status for r in db.list_runs(session) if r.status == "running"] == []

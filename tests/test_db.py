@@ -10,6 +10,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
 from core import db
+from core.methods import Method
 
 
 @pytest.fixture()
@@ -104,9 +105,9 @@ def test_a_run_keeps_its_config_results_and_timing(engine):
     assert run.status == "running"
     with db.begin_immediate(engine) as s:
         db.finish_run(s, run.id, [
-            {"method": "a(3)+b(1)", "weights": (3, 1), "metrics": {"map@k": 0.5, "map@r": float("nan")},
-             "is_oracle": True},
-            {"method": "a", "metrics": {"map@k": 0.4}},
+            {"method": Method.concat(["a", "b"], (3, 1)), "metrics": {"map@k": 0.5, "map@r": float("nan")},
+             "selected_on": "eval"},
+            {"method": Method.single("a"), "metrics": {"map@k": 0.4}},
         ])
     with db.read_session(engine) as s:
         got = db.get_run(s, run.id)
@@ -114,6 +115,7 @@ def test_a_run_keeps_its_config_results_and_timing(engine):
     assert got.config == {"k": 5, "models": ["a", "b"]}
     assert [r.method for r in got.results] == ["a(3)+b(1)", "a"]
     assert got.results[0].weights == [3.0, 1.0] and got.results[0].is_oracle
+    assert (got.results[0].kind, got.results[0].models, got.results[0].selected_on) == ("concat", ["a", "b"], "eval")
     assert got.results[0].metrics["map@r"] is None  # NaN is stored as null
     assert not got.results[1].is_oracle and got.results[1].split == "eval"
 
@@ -133,12 +135,12 @@ def test_results_for_dataset_are_those_of_finished_runs(engine):
         ds = db.record_dataset(s, name="d", source="demo", fingerprint="fp", n_images=4, n_classes=2)
         other = db.record_dataset(s, name="e", source="demo", fingerprint="other", n_images=4, n_classes=2)
         done = db.start_run(s, kind="evaluate", dataset_id=ds.id)
-        db.finish_run(s, done.id, [{"method": "a", "metrics": {"map@k": 0.1}}])
+        db.finish_run(s, done.id, [{"method": Method.single("a"), "metrics": {"map@k": 0.1}}])
         failed = db.start_run(s, kind="evaluate", dataset_id=ds.id)
-        db.add_results(s, failed.id, [{"method": "b", "metrics": {}}])
+        db.add_results(s, failed.id, [{"method": Method.single("b"), "metrics": {}}])
         db.fail_run(s, failed.id, "out of memory")
         elsewhere = db.start_run(s, kind="evaluate", dataset_id=other.id)
-        db.finish_run(s, elsewhere.id, [{"method": "c", "metrics": {}}])
+        db.finish_run(s, elsewhere.id, [{"method": Method.single("c"), "metrics": {}}])
     with db.read_session(engine) as s:
         assert [r.method for r in db.results_for_dataset(s, "fp")] == ["a"]
         assert db.get_run(s, failed.id).error == "out of memory"
@@ -159,13 +161,13 @@ def test_curve_points_come_back_in_step_order(engine):
 def test_foreign_keys_are_enforced(engine):
     with pytest.raises(IntegrityError):
         with db.begin_immediate(engine) as s:
-            db.add_results(s, 12345, [{"method": "orphan", "metrics": {}}])
+            db.add_results(s, 12345, [{"method": Method.single("orphan"), "metrics": {}}])
 
 
 def test_deleting_a_run_deletes_its_results_and_curve(engine):
     with db.begin_immediate(engine) as s:
         run = db.start_run(s, kind="evaluate")
-        db.finish_run(s, run.id, [{"method": "a", "metrics": {}}])
+        db.finish_run(s, run.id, [{"method": Method.single("a"), "metrics": {}}])
         db.add_curve_point(s, run.id, 0, {"loss": 1})
     with db.begin_immediate(engine) as s:
         s.execute(text("DELETE FROM runs"))

@@ -8,7 +8,9 @@ import pytest
 
 from tests.images import write_image
 from core import explorer, projection, thumbnails
-from core.fusion import l2_normalize, weighted_concat
+from core.fusion import weighted_concat
+from core.methods import Method
+from core.vectors import l2_normalize
 from core.metrics import per_query_scores
 
 
@@ -31,15 +33,15 @@ def brute_force(x: np.ndarray, q: int, k: int):
 def test_method_embeddings_match_core_fusion(data):
     arrays, _ = data
     rows = np.arange(5, 40)
-    single = explorer.method_embeddings(explorer.Method.single("a"), arrays, rows)
+    single = Method.single("a").embeddings(arrays, rows)
     np.testing.assert_allclose(single, l2_normalize(arrays["a"][rows]))
-    concat = explorer.method_embeddings(explorer.Method("x", ("a", "b"), (2.0, 1.0)), arrays, rows)
+    concat = Method.concat(("a", "b"), (2.0, 1.0)).embeddings(arrays, rows)
     np.testing.assert_allclose(concat, weighted_concat([arrays["a"][rows], arrays["b"][rows]], [2.0, 1.0]))
 
 
 def test_neighbours_leave_the_query_out_and_match_brute_force(data):
     arrays, _ = data
-    x = explorer.method_embeddings(explorer.Method("x", ("a", "b"), (1.0, 3.0)), arrays, np.arange(40))
+    x = Method.concat(("a", "b"), (1.0, 3.0)).embeddings(arrays, np.arange(40))
     for q in (0, 17, 39):
         sims, ids = explorer.neighbours(x, q, 7)
         ref_sims, ref_ids = brute_force(x, q, 7)
@@ -85,10 +87,10 @@ def test_an_uploaded_image_embeds_like_extraction(tmp_path, small_demo):
     from core.models import load_model
     name = "random:test_efficientnet"
     cached = extract_embeddings(small_demo, [name], EmbeddingCache(tmp_path / "cache"), device="cpu")[name].load()
-    method = explorer.Method.single(name)
+    method = Method.single(name)
     vector = explorer.embed_image(small_demo.load_image(3), method, {name: load_model(name, "cpu")})
     np.testing.assert_allclose(vector[0], l2_normalize(cached[3:4])[0], rtol=1e-4, atol=1e-5)
-    gallery = explorer.method_embeddings(method, {name: cached}, np.arange(len(small_demo)))
+    gallery = method.embeddings({name: cached}, np.arange(len(small_demo)))
     _, ids = explorer.search(gallery, vector, 3)
     assert ids[0] == 3
 
@@ -135,7 +137,7 @@ def test_tiny_images_are_upscaled(tmp_path):
 
 def test_one_query_ap_equals_the_full_evaluation(data):
     arrays, labels = data
-    x = explorer.method_embeddings(explorer.Method("x", ("a", "b"), (1.0, 2.0)), arrays, np.arange(40))
+    x = Method.concat(("a", "b"), (1.0, 2.0)).embeddings(arrays, np.arange(40))
     full = per_query_scores(x, labels, 5)
     for q in (0, 13, 39):
         one = explorer.query_ap(x, labels, q, 5)

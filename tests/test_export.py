@@ -9,10 +9,11 @@ from PIL import Image
 
 from core.cache import EmbeddingCache
 from core.datasets import open_dataset
-from core.export import embed_command, load_ensemble, save_ensemble
+from core.export import embed_command, embed_images, export_result, load_artifact, save_method
 from core.extract import extract_embeddings
 from core.fusion import weighted_concat
 from core.heads import HeadConfig, train_fusion_head
+from core.methods import Method
 from core.workspace import Workspace
 
 MODELS = ["random:test_efficientnet", "random:test_resnet"]
@@ -36,31 +37,34 @@ def dashboard(tmp_path_factory):
 
 def test_weighted_concat_round_trip(dashboard, tmp_path):
     imageset, cached = dashboard
-    artifact = save_ensemble(tmp_path / "ens", MODELS, weights=[3, 1], metrics={"map@k": 0.5})
+    artifact = save_method(tmp_path / "ens", Method.concat(MODELS, [3, 1]), metrics={"map@k": 0.5}, selected_on="eval")
     manifest = json.loads((artifact / "manifest.json").read_text())
-    assert [m["name"] for m in manifest["models"]] == MODELS and manifest["weights"] == [3.0, 1.0]
-    ensemble = load_ensemble(artifact, device="cpu")
-    got = ensemble.embed_images(list(imageset.paths), batch_size=5)
+    assert manifest["method"]["models"] == MODELS and manifest["method"]["weights"] == [3.0, 1.0]
+    assert manifest["selected_on"] == "eval" and manifest["is_oracle"] is True  # an oracle stays labelled
+    loaded = load_artifact(artifact)
+    got = embed_images(loaded, list(imageset.paths), device="cpu", batch_size=5)
     np.testing.assert_allclose(got, weighted_concat(cached, [3, 1]), atol=2e-5)
-    assert got.shape[1] == ensemble.dim
     # PIL images in, same vectors out
     pil = [imageset.load_image(i) for i in range(3)]
-    np.testing.assert_allclose(ensemble.embed_images(pil), got[:3], atol=2e-5)
+    np.testing.assert_allclose(embed_images(loaded, pil, device="cpu"), got[:3], atol=2e-5)
 
 
 def test_zero_weight_models_are_left_out(dashboard, tmp_path):
     imageset, cached = dashboard
-    artifact = save_ensemble(tmp_path / "ens", MODELS, weights=[0, 2])
-    ensemble = load_ensemble(artifact, device="cpu")
-    assert ensemble.models == MODELS[1:] and ensemble.weights == [2.0]
-    np.testing.assert_allclose(ensemble.embed_images(list(imageset.paths[:4])), weighted_concat(cached, [0, 2])[:4], atol=2e-5)
+    artifact = save_method(tmp_path / "ens", Method("concat", tuple(MODELS), (0.0, 2.0), label="x"))
+    loaded = load_artifact(artifact)
+    assert loaded.method.models == tuple(MODELS[1:]) and loaded.method.weights == (2.0,)
+    np.testing.assert_allclose(embed_images(loaded, list(imageset.paths[:4]), device="cpu"),
+                               weighted_concat(cached, [0, 2])[:4], atol=2e-5)
 
 
 def test_head_round_trip_and_cli_function(dashboard, tmp_path):
     imageset, cached = dashboard
     head = train_fusion_head(cached, imageset.labels, HeadConfig(kind="mlp", out_dim=16, hidden_dim=32, epochs=2,
-                                                                  batch_size=4, val_fraction=0.25, k=3))
-    artifact = save_ensemble(tmp_path / "ens-head", MODELS, head=head)
+                                                                  batch_size=4, val_fraction=0.5, k=3))
+    head.save(tmp_path / "trained")
+    artifact = save_method(tmp_path / "ens-head", Method.head(MODELS, str(tmp_path / "trained"), "mlp head"),
+                           selected_on="validation")
     out = embed_command(artifact, list(imageset.paths), tmp_path / "out" / "vectors.npy", device="cpu")
     vectors = np.load(out)
     assert vectors.dtype == np.float32 and vectors.shape == (len(imageset), 16)
@@ -68,41 +72,43 @@ def test_head_round_trip_and_cli_function(dashboard, tmp_path):
 
 
 def test_artifact_errors(dashboard, tmp_path):
-    with pytest.raises(ValueError, match="either concat weights or a trained head"):
-        save_ensemble(tmp_path / "x", MODELS)
-    with pytest.raises(ValueError, match="2 models but 3 weights"):
-        save_ensemble(tmp_path / "x", MODELS, weights=[1, 2, 3])
-    with pytest.raises(FileNotFoundError, match="not an ensemble artifact"):
-        load_ensemble(tmp_path)
-    artifact = save_ensemble(tmp_path / "ens", MODELS, weights=[1, 1])
+    with pytest.raises(FileNotFoundError, match="not an exported method"):
+        load_artifact(tmp_path)
+    artifact = save_method(tmp_path / "ens", Method.concat(MODELS, [1, 1]))
     manifest = json.loads((artifact / "manifest.json").read_text())
-    manifest["models"][0]["cache_key"] = "random:test_efficientnet|weights=other"
+    manifest["cache_keys"][MODELS[0]] = "random:test_efficientnet|weights=other"
     (artifact / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="Re-export"):
-        load_ensemble(artifact)
+        load_artifact(artifact)
+    (artifact / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable manifest"):
+        load_artifact(artifact)
 
 
 def test_a_stored_sweep_result_exports_and_embeds_like_the_dashboard(dashboard, tmp_path):
     """Random-search sweep job -> its best result in the runs DB -> export_result -> same vectors."""
     from pathlib import Path
 
-    from core import db, tasks
-    from core.export import export_result
+    from core import db
+    from core.configs import SweepConfig
     from core.progress import SILENT
+    from core.tasks import run_job
 
     imageset, cached = dashboard
     workspace = Workspace.open(tmp_path / "ws")
     engine = db.make_engine(workspace.db_url)
     db.init_db(engine)
     source = str(Path(imageset.paths[0]).parents[1])
-    run_id = tasks.sweep({"dataset": source, "models": MODELS, "k": 3, "search": "random", "n_samples": 8},
-                         SILENT, workspace, engine)
+    config = SweepConfig(dataset=source, models=MODELS, k=3, search="random", n_samples=8)
+    run_id = run_job("sweep", config.to_dict(), SILENT, workspace, engine)
     with db.read_session(engine) as session:
         results = db.get_run(session, run_id).results
-        best = max((r for r in results if sum(1 for w in r.weights if w) == 2), key=lambda r: r.metrics["map@k"])
+        best = max((r for r in results if r.kind == "concat"), key=lambda r: r.metrics["map@k"])
         weights, result_id = list(best.weights), best.id
     assert len(results) > 8 and any(w != int(w) for w in weights)  # continuous weights, not the grid
-    ensemble = load_ensemble(export_result(engine, result_id, tmp_path / "best"), device="cpu")
-    np.testing.assert_allclose(ensemble.embed_images(list(imageset.paths)), weighted_concat(cached, weights), atol=2e-5)
+    loaded = load_artifact(export_result(engine, result_id, tmp_path / "best"))
+    assert loaded.manifest["is_oracle"] and loaded.manifest["selected_on"] == "eval"
+    np.testing.assert_allclose(embed_images(loaded, list(imageset.paths), device="cpu"),
+                               weighted_concat(cached, weights), atol=2e-5)
     with pytest.raises(ValueError, match="does not exist"):
         export_result(engine, 10_000, tmp_path / "nothing")

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from dataclasses import dataclass
+
 from core import db, jobs
+from core.configs import Settings
 from core.tasks import job_kind
 
 TESTS = Path(__file__).resolve().parent
@@ -34,12 +37,24 @@ def _chain(seed: str, steps: int, rounds: int) -> bytes:
     return b"".join(out)
 
 
-@job_kind("write_chunks")
-def write_chunks(params, reporter, workspace, engine):
-    out = Path(params["out"])
+@dataclass(frozen=True)
+class WriteChunks(Settings):
+    kind = "write_chunks"
+    out: str
+    steps: int
+    seed: str
+    rounds: int = 1
+    fail_at: int | None = None
+    markers: str | None = None
+    token: str | None = None
+
+
+@job_kind(WriteChunks)
+def write_chunks(params: WriteChunks, reporter, workspace, engine):
+    out = Path(params.out)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    steps, rounds = int(params["steps"]), int(params.get("rounds", 1))
-    digest = hashlib.sha256(params["seed"].encode()).digest()
+    steps, rounds = params.steps, params.rounds
+    digest = hashlib.sha256(params.seed.encode()).digest()
     try:
         with open(tmp, "wb") as f:
             for i in range(steps):
@@ -50,16 +65,16 @@ def write_chunks(params, reporter, workspace, engine):
                 f.flush()
                 with open(f"{out}.steps", "a") as log:
                     log.write(f"{os.getpid()} {i}\n")
-                if params.get("fail_at") == i:
+                if params.fail_at == i:
                     raise ValueError(f"block {i} is corrupt (asked for by the test)")
                 reporter.progress((i + 1) / steps, f"block {i + 1}/{steps}")
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if "markers" in params:  # O_APPEND: one whole line per write, from any process
-        with open(params["markers"], "a") as m:
-            m.write(f"{params['token']} {jobs.current_job_id()} {os.getpid()}\n")
+    if params.markers:  # O_APPEND: one whole line per write, from any process
+        with open(params.markers, "a") as m:
+            m.write(f"{params.token} {jobs.current_job_id()} {os.getpid()}\n")
     return None
 
 
@@ -91,20 +106,16 @@ def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-POSTGRES_URL = os.environ.get("ENSEMBLE_TEST_POSTGRES_URL")  # e.g. postgresql+psycopg://u@/db?host=/tmp
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def env(request, tmp_path):
-    """A SQLite file, or the (emptied) PostgreSQL database $ENSEMBLE_TEST_POSTGRES_URL if given."""
+    """A SQLite file, or an emptied PostgreSQL database (see `postgres_url`)."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'runs.db'}"
-    elif POSTGRES_URL:
-        url = POSTGRES_URL
-        db.Base.metadata.drop_all(db.make_engine(url))
     else:
-        pytest.skip("set ENSEMBLE_TEST_POSTGRES_URL to run the worker tests on PostgreSQL as well")
+        url = request.getfixturevalue("postgres_url")
     engine = db.make_engine(url)
+    if request.param == "postgresql":
+        db.Base.metadata.drop_all(engine)
     db.init_db(engine)
     yield engine, url, tmp_path
     engine.dispose()
@@ -267,11 +278,12 @@ def test_extract_then_evaluate_and_sweep_through_a_worker(env):
             assert 0.0 <= r.metrics["map@k"] <= 1.0
 
         swept = db.get_run(s, done[sweep.id].run_id).results
-        assert len(swept) == 3 * 3 - 1 and all(r.is_oracle for r in swept)
+        assert len(swept) == 3 * 3 - 1
+        assert all(r.is_oracle == (r.kind == "concat") for r in swept)  # one model alone was not tuned
         assert swept[0].metrics["map@k"] == max(r.metrics["map@k"] for r in swept)
-        labels = {tuple(r.weights): r.method for r in swept}
+        labels = {tuple(r.extra["vector"]): r.method for r in swept}
         assert labels[(2.0, 1.0)] == "test_efficientnet(2)+test_vit(1)"
-        alone = {tuple(r.weights): r.metrics for r in swept}[(1.0, 0.0)]
+        alone = {tuple(r.extra["vector"]): r.metrics for r in swept}[(1.0, 0.0)]
         assert alone["map@k"] == pytest.approx(scores.results[0].metrics["map@k"], abs=1e-6)
         assert {r.dataset_id for r in (scores, extract_run)} == {dataset.id}
         assert len(db.results_for_dataset(s, dataset.fingerprint)) == 2 + 8

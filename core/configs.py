@@ -1,0 +1,277 @@
+"""Typed settings of every job kind, and the one place where user values (CLI, forms, URLs, job params) are checked.
+
+A config is a frozen dataclass with defaults; `from_dict` rejects unknown keys and out-of-range values
+with a message that says what to change, `to_dict` gives the JSON a job row stores. Pages, the CLI,
+the demo catalog and the worker all build the same configs, so a value that passes here is one the
+core can compute exactly (bounded weights, a bounded number of weight vectors, k within range).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+from sqlalchemy import Engine
+
+from core import jobs
+from core.heads import HeadConfig
+
+DEFAULT_K = 50
+DEFAULT_GRID = (0, 1, 2, 3, 4, 5)  # the reference study's grid; 0 leaves a model out, so one sweep covers every subset
+DEMO_SOURCE = "demo"
+DEMO_MODELS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "open_nsfw_resnet50_thin")
+
+# Weights are squared and summed in float32 by the sweep (DESIGN.md identity): within [MIN_WEIGHT,
+# MAX_WEIGHT] the largest squared ratio is 1e8, far inside float32's exact range for the ranking.
+MIN_WEIGHT = 0.01
+MAX_WEIGHT = 100.0
+MAX_GRID_VECTORS = 100_000  # |grid values| ** models; the demo's 0..5 over 4 models is 1,296
+MAX_K = 10_000
+MAX_MODELS = 16
+MAX_RANDOM_SAMPLES = 100_000
+MAX_TEXT = 4096  # a dataset source or model name longer than this is not one
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A setting the user gave that cannot be used; the message names it and the allowed range."""
+
+
+# --- checks of single values (also used by the CLI's and the pages' parsers) ---------------------
+
+
+def check_k(k: Any) -> int:
+    value = _integer("k", k)
+    if not 1 <= value <= MAX_K:
+        raise ConfigError(f"k must be between 1 and {MAX_K:,}, got {value}")
+    return value
+
+
+def check_weight(w: Any) -> float:
+    try:
+        value = float(w)
+    except (TypeError, ValueError):
+        raise ConfigError(f"weight {w!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"weight {w!r} is not a finite number")
+    if value != 0 and not MIN_WEIGHT <= value <= MAX_WEIGHT:
+        raise ConfigError(f"weight {value:g} is out of range: use 0 (leave the model out) or a value "
+                          f"between {MIN_WEIGHT:g} and {MAX_WEIGHT:g}")
+    return value
+
+
+def parse_numbers(text: str) -> tuple[float, ...]:
+    """'0,1,2.5' -> (0.0, 1.0, 2.5), every value a valid weight."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise ConfigError("give at least one weight, e.g. 0,1,2,3")
+    return tuple(check_weight(p) for p in parts)
+
+
+def parse_names(text: str) -> tuple[str, ...]:
+    """'a, b' -> ('a', 'b')."""
+    return tuple(p.strip() for p in str(text).split(",") if p.strip())
+
+
+def check_models(models: Any) -> tuple[str, ...]:
+    if isinstance(models, str):
+        models = parse_names(models)
+    if not isinstance(models, (list, tuple)) or not models:
+        raise ConfigError("choose at least one model")
+    names = tuple(str(m).strip() for m in models)
+    if any(not n or len(n) > MAX_TEXT for n in names):
+        raise ConfigError("model names must be non-empty and shorter than 4,096 characters")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a model is listed twice: {', '.join(names)}")
+    if len(names) > MAX_MODELS:
+        raise ConfigError(f"at most {MAX_MODELS} models at once, got {len(names)}")
+    return names
+
+
+def check_grid(values: Any, n_models: int) -> tuple[float, ...]:
+    grid = parse_numbers(values) if isinstance(values, str) else tuple(check_weight(v) for v in values)
+    grid = tuple(sorted(set(grid)))
+    if not any(grid):
+        raise ConfigError("the weight grid needs at least one value above 0")
+    vectors = len(grid) ** n_models
+    if vectors > MAX_GRID_VECTORS:
+        raise ConfigError(f"{len(grid)} weight values over {n_models} models make {vectors:,} weight vectors; "
+                          f"the limit is {MAX_GRID_VECTORS:,}. Use fewer values, fewer models or the random search.")
+    return grid
+
+
+def check_device(device: Any) -> str:
+    value = str(device or "auto")
+    if value not in DEVICES and not (value.startswith("cuda:") and value[5:].isdigit()):
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {value!r}")
+    return value
+
+
+def check_source(source: Any) -> str:
+    value = str(source or "").strip()
+    if not value or len(value) > MAX_TEXT or "\x00" in value:
+        raise ConfigError("the dataset must be 'demo', 'demo-small', an image folder or a CSV manifest path")
+    return value
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
+    if not math.isfinite(number) or number != int(number):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    return int(number)
+
+
+def _optional_count(name: str, value: Any, upper: int) -> int | None:
+    if value in (None, "", 0):
+        return None
+    count = _integer(name, value)
+    if not 1 <= count <= upper:
+        raise ConfigError(f"{name} must be between 1 and {upper:,}, got {count}")
+    return count
+
+
+# --- job configs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A job kind's settings: a frozen dataclass stored as a JSON object in the job row."""
+
+    kind: ClassVar[str] = ""
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "Settings":
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{cls.kind} settings must be a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.kind} settings {unknown}; known: {sorted(known)}")
+        try:
+            return cls(**{key: _from_json(value) for key, value in values.items()})
+        except TypeError as error:  # a required setting is missing
+            raise ConfigError(f"{cls.kind} settings: {error}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _to_json(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def submit(self, engine: Engine) -> jobs.Job:
+        """Queue this job (or join the identical one already queued or running)."""
+        return jobs.submit(engine, self.kind, self.to_dict())
+
+
+@dataclass(frozen=True)
+class JobConfig(Settings):
+    """What every job on a dataset reads: the dataset, the models, and where to compute."""
+
+    dataset: str = DEMO_SOURCE
+    models: tuple[str, ...] = DEMO_MODELS
+    limit_per_class: int | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise the values once, here
+        set_(self, "dataset", check_source(self.dataset))
+        set_(self, "models", check_models(self.models))
+        set_(self, "limit_per_class", _optional_count("limit_per_class", self.limit_per_class, 10_000_000))
+        set_(self, "device", check_device(self.device))
+
+
+@dataclass(frozen=True)
+class ExtractConfig(JobConfig):
+    kind: ClassVar[str] = "extract"
+    force: bool = False  # drop cached embeddings of these models and extract them again
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(JobConfig):
+    kind: ClassVar[str] = "evaluate"
+    k: int = DEFAULT_K
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "k", check_k(self.k))
+
+
+@dataclass(frozen=True)
+class SweepConfig(JobConfig):
+    """Weights swept on the eval split: every vector is scored on eval, so the best is an oracle number."""
+
+    kind: ClassVar[str] = "sweep"
+    k: int = DEFAULT_K
+    weights: tuple[float, ...] = DEFAULT_GRID  # grid values per model
+    search: str = "grid"  # "grid" or "random" (continuous weights)
+    n_samples: int = 256  # random search only
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_ = object.__setattr__
+        set_(self, "k", check_k(self.k))
+        if self.search not in ("grid", "random"):
+            raise ConfigError(f"search must be 'grid' or 'random', got {self.search!r}")
+        set_(self, "weights", check_grid(self.weights, len(self.models)))
+        n = _integer("n_samples", self.n_samples)
+        if not 1 <= n <= MAX_RANDOM_SAMPLES:
+            raise ConfigError(f"n_samples must be between 1 and {MAX_RANDOM_SAMPLES:,}, got {n}")
+        set_(self, "n_samples", n)
+
+
+@dataclass(frozen=True)
+class TrainHeadConfig(JobConfig):
+    """A fusion head fitted on the train split, early-stopped on a validation part of it, scored on eval
+    at `k` (the one k: the head's early stopping uses it too)."""
+
+    kind: ClassVar[str] = "train_head"
+    k: int = DEFAULT_K
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_ = object.__setattr__
+        set_(self, "k", check_k(self.k))
+        head = self.head
+        if isinstance(head, Mapping):
+            if "k" in head:
+                raise ConfigError("set k on the job, not inside the head settings")
+            try:
+                head = HeadConfig.from_dict(dict(head))
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"head settings: {error}") from None
+        set_(self, "head", dataclasses.replace(head, k=self.k))
+
+    def to_dict(self) -> dict[str, Any]:
+        values = super().to_dict()
+        values["head"] = {key: value for key, value in self.head.to_dict().items() if key != "k"}
+        return values
+
+
+def demo_jobs(source: str = DEMO_SOURCE) -> list[JobConfig]:
+    """The jobs that prepare the offline demo, in order: extract the four packaged models, evaluate
+    each, then sweep the reference study's grid so the leaderboard has ensembles."""
+    return [ExtractConfig(dataset=source), EvaluateConfig(dataset=source), SweepConfig(dataset=source)]
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_to_json(v) for v in value]
+    if isinstance(value, HeadConfig):
+        return value.to_dict()
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def describe(config: JobConfig) -> str:
+    """One line for job lists: 'sweep · demo · 4 models · k=50'."""
+    parts = [config.kind, config.dataset, f"{len(config.models)} model{'s' * (len(config.models) != 1)}"]
+    if hasattr(config, "k"):
+        parts.append(f"k={config.k}")
+    return " · ".join(parts)

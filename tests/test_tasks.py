@@ -1,0 +1,105 @@
+"""Job handlers through `run_job`: typed settings, results stored as methods, runs never left "running"."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from core import db
+from core.configs import ConfigError, EvaluateConfig, SweepConfig, TrainHeadConfig
+from core.progress import JobCancelled, Reporter, SILENT
+from core.tasks import UnknownJobKind, run_job
+from core.workspace import Workspace
+from tests.images import write_image
+
+MODELS = ["random:test_efficientnet", "random:test_resnet"]
+
+
+def split_folder(root, train_per_class=8, eval_per_class=4):
+    """root/{train,eval}/<class>/*.png: two classes of generated images, train and eval kept apart."""
+    for split, n in (("train", train_per_class), ("eval", eval_per_class)):
+        for c, name in enumerate(["dark", "light"]):
+            for i in range(n):
+                write_image(root / split / name / f"{i}.png", seed=1000 * c + 100 * (split == "eval") + i)
+    return root
+
+
+@pytest.fixture
+def engine(tmp_path):
+    workspace = Workspace.open(tmp_path / "ws")
+    engine = db.make_engine(workspace.db_url)
+    db.init_db(engine)
+    return workspace, engine
+
+
+def runs(engine):
+    with db.read_session(engine) as session:
+        return db.list_runs(session)
+
+
+def test_unknown_settings_and_kinds_fail_before_any_run(engine, tmp_path):
+    workspace, eng = engine
+    with pytest.raises(ConfigError, match="unknown sweep settings"):
+        run_job("sweep", {"dataset": "demo", "weightz": [1]}, SILENT, workspace, eng)
+    with pytest.raises(ConfigError, match="weight"):
+        run_job("sweep", {"dataset": "demo", "weights": [1e20, 1]}, SILENT, workspace, eng)
+    with pytest.raises(UnknownJobKind):
+        run_job("transmogrify", {}, SILENT, workspace, eng)
+    assert runs(eng) == []
+
+
+def test_a_failing_handler_closes_its_run(engine, tmp_path):
+    workspace, eng = engine
+    folder = split_folder(tmp_path / "images")
+    with pytest.raises(ValueError, match="choose k of at most"):
+        run_job("evaluate", EvaluateConfig(dataset=str(folder), models=MODELS, k=500).to_dict(), SILENT, workspace, eng)
+    (run,) = runs(eng)
+    assert run.status == "failed" and "k=500" in run.error
+
+
+def test_sweep_results_carry_their_method_and_how_it_was_chosen(engine, tmp_path):
+    workspace, eng = engine
+    folder = split_folder(tmp_path / "images")
+    config = SweepConfig(dataset=str(folder), models=MODELS, k=3, weights=(0, 1, 2), device="cpu")
+    run_id = run_job("sweep", config.to_dict(), SILENT, workspace, eng)
+    with db.read_session(eng) as session:
+        results = db.get_run(session, run_id).results
+    assert len(results) == 3 * 3 - 1
+    for r in results:
+        used = [m for m, w in zip(MODELS, r.extra["vector"]) if w]
+        if len(used) == 1:  # one model alone: nothing was tuned
+            assert (r.kind, r.models, r.selected_on, r.is_oracle) == ("single", used, "none", False)
+        else:
+            assert (r.kind, r.models, r.weights, r.selected_on, r.is_oracle) == (
+                "concat", MODELS, r.extra["vector"], "eval", True)
+
+
+def test_head_job_records_curve_result_and_resumes_after_cancel(engine, tmp_path):
+    workspace, eng = engine
+    config = TrainHeadConfig(
+        dataset=str(split_folder(tmp_path / "images")), models=MODELS, k=3, device="cpu",
+        head={"kind": "mlp", "out_dim": 8, "hidden_dim": 16, "loss": "normalized_softmax", "epochs": 3,
+              "batch_size": 4, "val_fraction": 0.25, "patience": 3},
+    )
+    seen = []
+    with pytest.raises(JobCancelled):
+        run_job("train_head", config.to_dict(), Reporter(on_metrics=seen.append, is_cancelled=lambda: len(seen) >= 1),
+                workspace, eng)
+    assert [r.status for r in runs(eng)] == ["cancelled"]
+    checkpoint_files = [p for p in (workspace.heads / "checkpoints").rglob("*") if p.is_file()]
+    assert checkpoint_files  # epoch 1 is kept for the resume
+
+    run_id = run_job("train_head", config.to_dict(), Reporter(on_metrics=seen.append), workspace, eng)
+    assert [row["epoch"] for row in seen] == [1, 2, 3]  # resumed after epoch 1, not restarted
+    with db.read_session(eng) as session:
+        run = db.get_run(session, run_id)
+        (result,) = run.results
+        curve = [p.values["epoch"] for p in db.curve(session, run_id)]
+    assert run.status == "done" and run.kind == "train_head" and curve == [2, 3]
+    assert (result.kind, result.models, result.selected_on, result.is_oracle) == ("head", MODELS, "validation", False)
+    assert result.metrics["n_queries"] == 8 and result.metrics["k"] == 3
+    assert run.config["head"].get("k") is None  # one k per job: the head's early stopping uses the job's
+    from core.heads import TrainedHead
+    head = TrainedHead.load(result.head_path)
+    assert head.model_names == MODELS and head.out_dim == 8 and head.config.k == 3
+    assert np.isfinite(head.best_val)
+    assert not [p for p in (workspace.heads / "checkpoints").rglob("*") if p.is_file()]  # nothing left to resume
