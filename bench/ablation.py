@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.fusion import (  # noqa: E402
+from core.fusion import (
     AlphaQueryExpansion,
     DatabaseAugmentation,
     MaxSimilarity,
@@ -35,9 +34,9 @@ from core.fusion import (  # noqa: E402
     rank_fusion,
     weighted_concat,
 )
-from core.selection import check_disjoint, select_concat_weights  # noqa: E402
-from core.heads import HeadConfig, TrainedHead, head_label, stratified_split, train_fusion_head  # noqa: E402
-from core.metrics import depth_needed, evaluate, metrics_from_ranking, relevant_counts  # noqa: E402
+from core.selection import check_disjoint, select_concat_weights
+from core.heads import HeadConfig, TrainedHead, head_label, stratified_split, train_fusion_head
+from core.metrics import depth_needed, evaluate, metrics_from_ranking, relevant_counts
 
 DEMO_MODELS = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "open_nsfw_resnet50_thin"]
 METRICS = ("map@k", "map@k_hits", "map@r", "p@1")

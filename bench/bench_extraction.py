@@ -11,21 +11,19 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from core.cache import EmbeddingCache  # noqa: E402
-from core.datasets import open_demo  # noqa: E402
-from core.devices import resolve_device  # noqa: E402
-from core.extract import extract_embeddings  # noqa: E402
-from core.models import load_model  # noqa: E402
-from core.workspace import Workspace  # noqa: E402
+from core.cache import EmbeddingCache
+from core.datasets import open_demo
+from core.devices import resolve_device
+from core.extract import extract_embeddings
+from core.models import load_model
+from core.workspace import Workspace
 
 
 def _sync(device: str) -> None:

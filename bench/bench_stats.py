@@ -13,16 +13,13 @@ import json
 import os
 import platform
 import resource
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.files import atomic_write_text  # noqa: E402
-from core.stats import paired_difference  # noqa: E402
+from core.files import atomic_write_text
+from core.stats import paired_difference
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 

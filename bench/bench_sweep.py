@@ -13,18 +13,16 @@ import itertools
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.fusion import weighted_concat  # noqa: E402
-from core.metrics import evaluate  # noqa: E402
-from core.search import default_backend  # noqa: E402
-from core.sweep import grid_sweep  # noqa: E402
+from core.fusion import weighted_concat
+from core.metrics import evaluate
+from core.search import default_backend
+from core.sweep import grid_sweep
 
 DIMS = (2048, 2560, 1536, 1024)  # the reference study's four models (resnet101, b7, swin-L, vit-L)
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 import importlib.util
 
 import numpy as np
-
-DEFAULT_MAX_POINTS = 5000
+import torch
 
 
 def methods() -> list[str]:
@@ -42,7 +41,6 @@ def project(embeddings: np.ndarray, method: str = "pca", seed: int = 0) -> np.nd
         return umap.UMAP(n_components=2, metric="cosine", random_state=seed).fit_transform(x).astype(np.float32)
     if method != "pca":
         raise ValueError(f"unknown projection {method!r}; choose one of {methods()}")
-    import torch
     t = torch.as_tensor(x)
     centred = t - t.mean(dim=0, keepdim=True)
     generator_state = torch.random.get_rng_state()

@@ -24,9 +24,9 @@ from core.vectors import l2_normalize, ratio_class
 # Safety margin on the pruning bound: candidate lists and rescoring are separate float32
 # computations, so a similarity can differ between them in the last bits.
 BOUND_SLACK = 1e-5
-# Candidates kept per model and query beyond the depth needed for exact metrics: depth + this,
-# on top of depth itself (measured: with only +32, ~9% of queries needed the slow exact fallback on
-# 4 correlated models; with 2 x depth + 32 none did). Fewer means less work per weight vector.
+# Candidates kept per model and query: 2 x the depth exact metrics need, plus this. Deeper lists
+# certify more (query, weights) pairs without the slow exact fallback; shorter ones cost less per
+# weight vector (bench/RESULTS.md has the trade-off on the demo).
 DEFAULT_EXTRA = 32
 # Elements (queries x candidates x weight vectors) scored in one block, bounding memory.
 BLOCK_ELEMENTS = 24_000_000

@@ -41,10 +41,6 @@ class Workspace:
         return self.folder("heads")
 
     @property
-    def uploads(self) -> Path:
-        return self.folder("uploads")
-
-    @property
     def db_url(self) -> str:
         """$ENSEMBLE_DB_URL (any SQLAlchemy URL, e.g. PostgreSQL shared by several workers), else SQLite here."""
         return os.environ.get("ENSEMBLE_DB_URL") or f"sqlite:///{self.root / 'runs.db'}"
