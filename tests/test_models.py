@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core.models import ModelError, cache_key_for, list_models, load_model, model_info
+from core.models import SOURCES, ModelError, cache_key_for, list_models, load_model, model_info
 
 SAMPLE_IMAGES = Path(importlib.util.find_spec("sklearn").origin).parent / "datasets" / "images" \
     if importlib.util.find_spec("sklearn") else None
@@ -91,6 +91,26 @@ def test_unknown_name_lists_valid_choices():
         model_info("nope")
     with pytest.raises(ModelError, match="not a timm architecture"):
         cache_key_for("random:not_an_arch")
+
+
+@pytest.mark.parametrize("name", ["timm:", "random:", "checkpoint:test_vit", "packaged:tf_efficientnet_lite0",
+                                  "onnx:open_nsfw_resnet50_thin", "hub:resnet18"])
+def test_malformed_or_unregistered_prefixes_get_the_full_list_of_valid_names(name):
+    expected = (f"Unknown model {name!r}. Valid names: tf_efficientnet_lite0, tf_efficientnet_lite1, "
+                "tf_efficientnet_lite2, open_nsfw_resnet50_thin (offline, packaged); "
+                "timm:<arch>.<tag> (e.g. timm:convnext_tiny.fb_in1k); checkpoint:<timm arch>@<weights file>; "
+                "random:<timm arch> (random init, tests only).")
+    with pytest.raises(ModelError) as raised:
+        cache_key_for(name)
+    assert str(raised.value) == expected
+
+
+def test_every_source_is_reachable_by_name():
+    names = {"packaged": "tf_efficientnet_lite0", "onnx": "open_nsfw_resnet50_thin", "timm": "timm:resnet18.a1_in1k",
+             "checkpoint": "checkpoint:test_vit@/nonexistent.pth", "random": "random:test_vit"}
+    assert set(names) == set(SOURCES)
+    for source, name in names.items():
+        assert model_info(name).source == source
 
 
 def test_timm_without_weights_or_internet_raises_one_clear_error(monkeypatch, tmp_path):
