@@ -30,3 +30,24 @@ def small_demo(tmp_path_factory):
     from core.datasets import open_demo
     workspace = Workspace.open(tmp_path_factory.mktemp("demo-workspace"))
     return open_demo(workspace, eval_per_class=4, train_per_class=2)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL database for the whole session: $ENSEMBLE_TEST_POSTGRES_URL if set, else a throwaway
+    server started on first use. Where none can be started, CI fails (the PostgreSQL variants must never
+    be skipped silently there) and elsewhere those tests are skipped with the reason."""
+    import os
+
+    from tests import postgres
+
+    if os.environ.get("ENSEMBLE_TEST_POSTGRES_URL"):
+        yield os.environ["ENSEMBLE_TEST_POSTGRES_URL"]
+        return
+    reason = postgres.missing()
+    if reason and os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"CI must run the PostgreSQL tests, but {reason}", pytrace=False)
+    if reason:
+        pytest.skip(reason)
+    with postgres.throwaway_database() as url:
+        yield url

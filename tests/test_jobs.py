@@ -1,7 +1,6 @@
 """The job queue on a real SQLite file, in one process: submit, claim, cancel, ownership, staleness."""
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -10,20 +9,14 @@ from core import db, jobs
 from core.progress import JobCancelled
 
 
-POSTGRES_URL = os.environ.get("ENSEMBLE_TEST_POSTGRES_URL")  # e.g. postgresql+psycopg://u@/db?host=/tmp
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def engine(request, tmp_path):
-    """Every test on a SQLite file, and on PostgreSQL too when $ENSEMBLE_TEST_POSTGRES_URL names an
-    (emptyable) database."""
+    """Every test on a SQLite file and on an emptied PostgreSQL database (see `postgres_url`)."""
     if request.param == "sqlite":
         engine = db.make_engine(f"sqlite:///{tmp_path / 'runs.db'}")
-    elif POSTGRES_URL:
-        engine = db.make_engine(POSTGRES_URL)
-        db.Base.metadata.drop_all(engine)
     else:
-        pytest.skip("set ENSEMBLE_TEST_POSTGRES_URL to run the queue tests on PostgreSQL as well")
+        engine = db.make_engine(request.getfixturevalue("postgres_url"))
+        db.Base.metadata.drop_all(engine)
     db.init_db(engine)
     yield engine
     engine.dispose()
