@@ -23,7 +23,10 @@ INSTALL_HINT = "run `bash scripts/setup.sh --tests` (installs Debian's postgresq
 
 def bindir() -> Path | None:
     """The folder with initdb and pg_ctl: Debian's newest version, else whatever PATH has."""
-    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: tuple(int(x) for x in p.parts[-3].split(".")))
+    def version(pg_ctl: Path) -> tuple[int, ...]:
+        return tuple(int(x) for x in pg_ctl.parts[-3].split("."))
+
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=version)
     if debian:
         return debian[-1].parent
     found = shutil.which("pg_ctl")
@@ -40,7 +43,8 @@ def missing() -> str | None:
         try:
             pwd.getpwnam("postgres")
         except KeyError:
-            return "running as root, and there is no `postgres` user to run the server as (PostgreSQL refuses root)"
+            return ("running as root, and there is no `postgres` user to run the server as"
+                    " (PostgreSQL refuses root)")
     return None
 
 
