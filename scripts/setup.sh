@@ -23,3 +23,5 @@ fi
 requirements=requirements.txt
 $tests && requirements=requirements-test.txt
 .venv/bin/python -m pip install -q --disable-pip-version-check -r "$requirements"
+# The project itself, editable: bench scripts and tests import `core` from this checkout without sys.path edits.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
