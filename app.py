@@ -8,13 +8,14 @@ from __future__ import annotations
 import streamlit as st
 
 from core import jobs
-from pages import context
+from core.views import md
+from pages import state, widgets
 
 st.set_page_config(page_title="Ensemble Explorer", page_icon=":material/hub:", layout="wide")
 
-P = context.PAGES
+P = state.PAGES
 # url_path = the file's stem: Streamlit's old pages/-folder routing, which answers a fresh server's first
-# request, then finds the same page (see pages/context.py, _leave_pages_directory_mode). The default page
+# request, then finds the same page (see pages/state.py, leave_pages_directory_mode). The default page
 # has none: Streamlit serves it only at /, so a url_path there would advertise a /start that 404s.
 navigation = st.navigation({
     "Start": [st.Page(P["start"], title="Start", icon=":material/home:", default=True)],
@@ -31,20 +32,17 @@ navigation = st.navigation({
     ],
 })
 
-with st.sidebar:
-    with context.guarded():
-        ws = context.workspace()
-        engine = context.engine()
-        source = context.current_source()
-        st.caption(f"Workspace: `{ws.root}`")
-        st.caption(f"Dataset: `{source}`" if source else "Dataset: none chosen yet")
-        st.caption(f"Device: **{context.device()}**")
-        if jobs.worker_alive(engine):
-            st.success("Worker running", icon=":material/play_circle:")
-        else:
-            st.warning("No worker running: jobs wait in the queue.", icon=":material/pause_circle:")
-            if st.button("Start a worker", key="sidebar:start_worker", icon=":material/play_arrow:"):
-                pid = context.start_worker()
-                st.toast(f"Worker started (pid {pid}); it appears here within a few seconds.")
+with st.sidebar, widgets.guarded():
+    engine = state.engine()
+    source = state.current_source()
+    st.caption(f"Workspace: {md(state.workspace().root)}")
+    st.caption(f"Dataset: {md(source)}" if source else "Dataset: none chosen yet")
+    st.caption(f"Device: **{md(state.device())}**")
+    if jobs.worker_alive(engine):
+        st.success("Worker running", icon=":material/play_circle:")
+    else:
+        st.warning("No worker running: jobs wait in the queue.", icon=":material/pause_circle:")
+        if st.button("Start a worker", key="sidebar:start_worker", icon=":material/play_arrow:"):
+            st.toast(f"Worker started (pid {state.start_worker()}); it appears here within a few seconds.")
 
 navigation.run()

@@ -1,164 +1,162 @@
 """Query explorer: one query, its top-k under two to four methods side by side, hits and misses marked."""
 from __future__ import annotations
 
-import io
+from functools import partial
 
 import numpy as np
 import pandas as pd
 import streamlit as st
-from PIL import Image
 
-from core import explorer
-from pages import context
+from core import explorer, views
+from pages import cached, state, widgets
 
 st.title("Query explorer")
 GRID = 24
+MAX_K = 100
+WAYS = ["thumbnail", "id", "ensemble fixed", "ensemble broke", "hardest"]
 
 
 def set_query(row: int) -> None:
     st.query_params["query"] = str(int(row))
 
 
-with context.guarded():
-    imageset = context.require_imageset()
-    rows = context.eval_rows(imageset)
+def choose_methods(options: dict) -> tuple[list[str], int]:
+    """The methods to compare and k, from the URL first (?methods=<result ids>, ?k=), kept in it."""
+    wanted = state.url_value("methods", partial(views.parse_ids, name="methods"), ())
+    cols = st.columns([4, 1])
+    chosen = cols[0].multiselect("Methods (two to four)", list(options), default=views.default_methods(options, wanted),
+                                 max_selections=4, key="explorer:methods")
+    k = int(cols[1].number_input("k", 1, MAX_K, state.url_value("k", partial(views.parse_k, most=MAX_K), 10),
+                                 key="explorer:k"))
+    state.remember("k", k)
+    ids = [str(options[name].result_id) for name in chosen if options[name].result_id is not None]
+    if chosen and len(ids) == len(chosen):  # methods with a stored result survive a reload through the URL
+        state.remember("methods", ",".join(ids))
+    return chosen, k
+
+
+def thumbnails(imageset, rows: np.ndarray, labels: np.ndarray) -> None:
+    cls = st.selectbox("Class", [None, *range(len(imageset.class_names))], key="explorer:class",
+                       format_func=lambda c: "all" if c is None else imageset.class_names[c])
+    pool = np.arange(len(rows)) if cls is None else np.flatnonzero(labels == cls)
+    pages = views.page_count(len(pool), GRID)
+    page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="explorer:grid_page") if pages > 1 else 1
+    cells = st.columns(8)
+    for i, position in enumerate(views.page_of(pool, page, GRID)):
+        with cells[i % 8]:
+            path = cached.thumb(imageset, int(rows[position]), 96)
+            if path:
+                st.image(path, width=72)
+            st.button(f"#{rows[position]}", key=f"explorer:pick:{rows[position]}", on_click=set_query,
+                      args=(int(rows[position]),))
+
+
+def query_list(how: str, imageset, rows, labels, methods, chosen: list[str], k: int, query: int | None) -> None:
+    """Queries the first ensemble fixed or broke against the first single model, or the hardest ones
+    (views.changed_rows / views.hardest_rows over cached per-query scores)."""
+    single, fused = views.single_and_fused(methods)
+    names = imageset.class_names
+    if how == "hardest":
+        base = fused if fused is not None else 0
+        table = views.hardest_rows(cached.method_scores(imageset, methods[base], k), rows, labels, names, k, chosen[base])
+    elif single is None or fused is None:
+        st.info("Choose one single model and one ensemble (or head) to see where the ensemble fixed or broke queries.")
+        return
+    else:
+        table = views.changed_rows(cached.method_scores(imageset, methods[fused], k),
+                                   cached.method_scores(imageset, methods[single], k), rows, labels, names, k,
+                                   improved=how == "ensemble fixed")
+        st.caption(f"Single: {views.md(chosen[single])} · ensemble: {views.md(chosen[fused])} · {len(table)} queries "
+                   "shown (most changed first)")
+    if not table:
+        st.info("No query to list.")
+        return
+    picked = st.dataframe(pd.DataFrame(table), hide_index=True, key=f"explorer:list:{how}", on_select="rerun",
+                          selection_mode="single-row")
+    if picked and picked.selection.rows and table[picked.selection.rows[0]]["id"] != query:
+        set_query(table[picked.selection.rows[0]]["id"])
+        st.rerun()
+
+
+def results_row(imageset, rows, labels, label: str, k: int, sims, positions, ap: float | None,
+                query_label: int | None) -> None:
+    st.markdown(f"**{views.md(label)}**" + (f" — AP@{k} {ap:.3f}" if ap is not None and ap == ap else ""))
+    for cell, sim, position in zip(st.columns(len(positions) or 1), sims, positions):
+        hit = query_label is not None and labels[position] == query_label
+        mark = "" if query_label is None else (":green[**✓**] " if hit else ":red[**✗**] ")
+        with cell:
+            path = cached.thumb(imageset, int(rows[position]), 96)
+            if path:
+                st.image(path, width="stretch")
+            # Two short lines ("✓ 0.831", "#5 T-shirt/top"): ten results share the width.
+            st.caption(f"{mark}{sim:.3f}  \n#{rows[position]} {views.md(imageset.class_names[labels[position]])}")
+
+
+def search_with_upload(imageset, rows, labels, data: bytes, chosen, methods, k: int) -> None:
+    st.subheader("Your image")
+    image = views.open_upload(data)  # refused before decoding when too large; never written to disk
+    st.image(image, width=128)
+    for label, method in zip(chosen, methods):
+        vector = explorer.embed_image(image, method, {name: cached.loaded_model(name) for name in method.models})
+        sims, found = explorer.search(cached.method_embeddings(imageset, method), vector, k)
+        results_row(imageset, rows, labels, label, k, sims, found, None, None)
+
+
+def show_query(imageset, rows, labels, query: int, position: int, chosen, methods, k: int) -> None:
+    """The query image and, per method, its top-k from one search (core.explorer.query_view) with its AP@k."""
+    st.subheader(f"Query #{query}: {views.md(imageset.class_names[labels[position]])}")
+    cols = st.columns([1, 5])
+    path = cached.thumb(imageset, query, 128)
+    if path:
+        cols[0].image(path, width=112)
+    cols[1].caption(f"{views.md(imageset.paths[query])}\n\n:green[**✓**] hit (same label) · :red[**✗**] miss (other "
+                    "label) · number = cosine similarity · #id = image id, then its class")
+    for label, method in zip(chosen, methods):
+        sims, found, ap = explorer.query_view(cached.method_embeddings(imageset, method), labels, position, k)
+        results_row(imageset, rows, labels, label, k, sims, found, ap["map@k"], labels[position])
+
+
+def eval_position(rows: np.ndarray, query: int) -> int | None:
+    position = int(np.searchsorted(rows, query))
+    return position if position < len(rows) and rows[position] == query else None
+
+
+with widgets.guarded():
+    imageset, source = widgets.require_imageset()
+    rows = cached.eval_rows(imageset)
     if len(rows) < 2:
         st.warning("The eval split has fewer than two images; there is nothing to retrieve.")
         st.stop()
     labels = imageset.labels[rows]
-    options = context.method_options(imageset)
-    if not options:
-        st.info("No cached embeddings for this dataset yet: extract some on the Data & models page.")
-        st.page_link(context.PAGES["data"], label="Go to Data & models", icon=":material/folder_open:")
-        st.stop()
-
-    labels_by_result = {rid: label for label, (_, rid) in options.items() if rid is not None}
-    wanted = [labels_by_result[int(x)] for x in st.query_params.get("methods", "").split(",")
-              if x.isdigit() and int(x) in labels_by_result]
-    names = list(options)
-    ensembles = [n for n in names if n.endswith("]")]
-    default = wanted or ([names[0], ensembles[0]] if ensembles else names[:2])  # best single vs best ensemble
-    cols = st.columns([4, 1])
-    chosen = cols[0].multiselect("Methods (two to four)", names, default=default[:4], max_selections=4,
-                                 key="explorer:methods")
-    k = cols[1].number_input("k", 1, 100, int(st.query_params.get("k", 10)) if st.query_params.get("k", "").isdigit()
-                             else 10, key="explorer:k")
-    context.remember("k", k)
-    picked_ids = [str(options[name][1]) for name in chosen if options[name][1] is not None]
-    if len(picked_ids) == len(chosen):  # methods with a stored result survive a reload through the URL
-        context.remember("methods", ",".join(picked_ids))
+    options = views.method_options(cached.entries(imageset), cached.cached_models(imageset))
+    widgets.require_models(list(options))
+    chosen, k = choose_methods(options)
     if not chosen:
         st.info("Choose at least one method.")
         st.stop()
-    methods = [options[name][0] for name in chosen]
-
-    def all_scores():
-        """Per-query AP of every eval query under each method: one full evaluation each (cached), only
-        needed to list queries; showing one query needs only its own search."""
-        return [context.method_scores(imageset, m, int(k)) for m in methods]
+    methods = [options[name].method for name in chosen]
+    query = state.url_value("query", partial(views.parse_id, name="query"), int(rows[0]))
+    position = eval_position(rows, query)
 
     with st.expander("Pick a query", expanded="query" not in st.query_params, icon=":material/search:"):
-        how = st.radio("By", ["thumbnail", "id", "ensemble fixed", "ensemble broke", "hardest"], horizontal=True,
-                       key="explorer:how")
-        # "Fixed / broke" compares the first chosen ensemble with the first chosen single model (by default the best one).
-        singles = [i for i, m in enumerate(methods) if len(m.models) == 1 and not m.head_path]
-        fused = [i for i, m in enumerate(methods) if i not in singles]
-
+        how = st.radio("By", WAYS, horizontal=True, key="explorer:how")
         if how == "thumbnail":
-            cls = st.selectbox("Class", ["all", *imageset.class_names], key="explorer:class")
-            pool = np.arange(len(rows)) if cls == "all" else np.flatnonzero(labels == imageset.class_names.index(cls))
-            pages = max(1, -(-len(pool) // GRID))
-            page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="explorer:grid_page") if pages > 1 else 1
-            cells = st.columns(8)
-            for i, position in enumerate(pool[(page - 1) * GRID: page * GRID]):
-                row = int(rows[position])
-                with cells[i % 8]:
-                    path = context.thumb(imageset, row, 96)
-                    if path:
-                        st.image(path, width=72)
-                    st.button(f"#{row}", key=f"explorer:pick:{row}", on_click=set_query, args=(row,))
+            thumbnails(imageset, rows, labels)
         elif how == "id":
-            current = int(st.query_params.get("query", rows[0]))
-            picked = st.number_input("Image id (dataset row, eval split)", 0, len(imageset) - 1, current, key="explorer:id")
-            if picked != current:
+            shown = query if position is not None else int(rows[0])
+            picked = st.number_input("Image id (dataset row, eval split)", 0, len(imageset) - 1, shown, key="explorer:id")
+            if picked != shown:
                 set_query(picked)
+                st.rerun()
         else:
-            scores = all_scores()
-            if how == "hardest":
-                base = fused[0] if fused else 0
-                listed = explorer.hardest_queries(scores[base], "map@k", limit=50)
-                frame = pd.DataFrame([{"id": int(rows[p]), "class": imageset.class_names[labels[p]],
-                                       f"AP@{k} ({chosen[base]})": v} for p, v in listed])
-            elif not singles or not fused:
-                st.info("Choose one single model and one ensemble (or head) to see where the ensemble fixed or broke queries.")
-                frame = pd.DataFrame()
-            else:
-                single, ens = singles[0], fused[0]
-                listed = explorer.changed_queries(scores[ens], scores[single], "map@k", improved=how == "ensemble fixed")
-                ap_s, ap_e = explorer.ap_values(scores[single]), explorer.ap_values(scores[ens])
-                frame = pd.DataFrame([{"id": int(rows[p]), "class": imageset.class_names[labels[p]],
-                                       f"AP@{k} single": ap_s[p], f"AP@{k} ensemble": ap_e[p], "change": d}
-                                      for p, d in listed])
-                st.caption(f"Single: {chosen[single]} · ensemble: {chosen[ens]} · {len(listed)} queries shown (most changed first)")
-            if not frame.empty:
-                picked = st.dataframe(frame, hide_index=True, key=f"explorer:list:{how}", on_select="rerun",
-                                      selection_mode="single-row")
-                if picked and picked.selection.rows:
-                    set_query(frame.iloc[picked.selection.rows[0]]["id"])
-            elif how != "hardest":
-                pass
-            else:
-                st.info("No query to list.")
-
-        upload = st.file_uploader("…or search with your own image (PNG/JPEG, up to 10 MB)", type=["png", "jpg", "jpeg"],
+            query_list(how, imageset, rows, labels, methods, chosen, k, query)
+        upload = st.file_uploader(f"…or search with your own image (PNG/JPEG, up to {views.MAX_UPLOAD_BYTES // 2**20} MB, "
+                                  f"{views.MAX_UPLOAD_PIXELS // 10**6} megapixels)", type=["png", "jpg", "jpeg"],
                                   key="explorer:upload")
 
-    def results_row(method_index: int, sims, positions, ap: float | None, query_label: int | None) -> None:
-        head = f"**{chosen[method_index]}**" + (f" — AP@{k} {ap:.3f}" if ap is not None and ap == ap else "")
-        st.markdown(head)
-        cells = st.columns(len(positions) or 1)
-        for cell, sim, position in zip(cells, sims, positions):
-            row = int(rows[position])
-            hit = query_label is not None and labels[position] == query_label
-            mark = "" if query_label is None else (":green[**✓**] " if hit else ":red[**✗**] ")
-            with cell:
-                path = context.thumb(imageset, row, 96)
-                if path:
-                    st.image(path, width="stretch")
-                # Two short lines ("✓ 0.831", "#5 T-shirt/top"): ten results share the width.
-                st.caption(f"{mark}{sim:.3f}  \n#{row} {imageset.class_names[labels[position]]}")
-
     if upload is not None:
-        st.subheader("Your image")
-        if upload.size > 10 * 2**20:
-            st.error("That file is over 10 MB; choose a smaller image.")
-            st.stop()
-        try:
-            image = Image.open(io.BytesIO(upload.getvalue())).convert("RGB")  # never written to disk
-        except OSError:
-            st.error("That file is not an image this app can read; upload a PNG or JPEG.")
-            st.stop()
-        st.image(image, width=128)
-        for i, method in enumerate(methods):
-            loaded = {name: context.loaded_model(name) for name in method.models}
-            vector = explorer.embed_image(image, method, loaded)
-            sims, positions = explorer.search(context.method_embeddings(imageset, method), vector, int(k))
-            results_row(i, sims, positions, None, None)
-        st.stop()
-
-    query = int(st.query_params.get("query", rows[0]))
-    position = int(np.searchsorted(rows, query))
-    if position >= len(rows) or rows[position] != query:
+        search_with_upload(imageset, rows, labels, upload.getvalue(), chosen, methods, k)
+    elif position is None:
         st.error(f"Image {query} is not in the eval split; pick a query from the grid or give an eval image id.")
-        st.stop()
-    st.subheader(f"Query #{query}: {imageset.class_names[labels[position]]}")
-    qcols = st.columns([1, 5])
-    path = context.thumb(imageset, query, 128)
-    if path:
-        qcols[0].image(path, width=112)
-    qcols[1].caption(f"{imageset.paths[query]}\n\n:green[**✓**] hit (same label) · :red[**✗**] miss (other label) · "
-                     "number = cosine similarity · #id = image id, then its class")
-    for i, method in enumerate(methods):
-        sims, positions, ap = explorer.query_view(context.method_embeddings(imageset, method), labels, position, int(k))
-        ap = ap["map@k"]
-        results_row(i, sims, positions, ap, labels[position])
+    else:
+        show_query(imageset, rows, labels, query, position, chosen, methods, k)

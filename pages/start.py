@@ -1,12 +1,12 @@
-"""Start: what this app answers, and the offline demo in one click."""
+"""Start: what this app answers, the answer so far on the current dataset, and the offline demo in one click."""
 from __future__ import annotations
 
 import streamlit as st
 
-from core import catalog, db, jobs
+from core import configs, db, jobs, views
 from core import leaderboard as lb
-from core.datasets import DatasetError
-from pages import context
+from core.methods import ORACLE_LABEL
+from pages import cached, state, widgets
 
 st.title("Ensemble Explorer")
 st.markdown(
@@ -15,82 +15,63 @@ st.markdown(
     "1. **Data & models** — pick a labelled image set and models; extract embeddings once (cached).\n"
     "2. **Leaderboard** — every single model and ensemble on the eval split: mAP@k under several "
     "conventions, P@1, mAP@R and the gain over the best single model.\n"
-    "3. **Weight sweep** — search concat weights (labelled *oracle: tuned on eval*).\n"
+    f"3. **Weight sweep** — search concat weights (labelled *{ORACLE_LABEL}*).\n"
     "4. **Fusion heads** — train small fusion networks on the train split in the background.\n"
     "5. **Query explorer** and **Embedding map** — see where the ensemble fixed or broke a query.\n"
     "6. **Runs** — every job ever run, reloadable and exportable."
 )
+DEMO_TEXT = (
+    "The offline demo is Fashion-MNIST: 1,000 eval images (100 per class) and 3,000 train images shipped with this "
+    f"machine, and four packaged models ({', '.join(configs.DEMO_MODELS)}). One click queues the extraction, the "
+    "evaluation and a small weight sweep, makes the demo the current dataset, and starts a worker if none is "
+    "running. Extraction (4,000 images x 4 models) takes a minute or two on a GPU and can take an hour on a small "
+    "CPU; progress shows below, and every page works as soon as it is done.")
 
 
-
-def headline(source: str) -> None:
-    """The answer so far on the current dataset: best single model vs best ensemble at map@k, and the gain."""
-    try:
-        imageset = context.open_imageset(source)
-    except DatasetError:
-        return  # the Data page says what is wrong with it; the start page stays a start page
-    entries = context.entries(imageset)
-    if not entries:
+def answer_so_far(source: str) -> None:
+    """The headline (core.leaderboard.headline) on the current dataset at its usual k."""
+    imageset = cached.imageset(source)
+    entries = cached.entries(imageset)
+    k = views.default_k(lb.available_ks(entries))
+    if k is None:
         return
-    ks = lb.available_ks(entries)
-    k = catalog.DEMO_K if catalog.DEMO_K in ks else ks[-1]
-    board = lb.board(entries, k, "map@k")
-    best = lb.best_single(board, "map@k")
-    ensembles = [e for e in board if e.kind != "single"]
-    st.subheader(f"So far on {imageset.name} (map@k, k={k})")
-    cols = st.columns(3)
-    if best is not None:
-        cols[0].metric("Best single model", f"{best.score('map@k'):.4f}", help=best.method)
-    if ensembles:
-        top = max(ensembles, key=lambda e: e.score("map@k"))
-        gain = top.score("map@k") - best.score("map@k") if best is not None else None
-        cols[1].metric("Best ensemble", f"{top.score('map@k'):.4f}",
-                       f"{gain:+.4f}" if gain is not None else None, help=top.method)
-        if gain is not None and best.score("map@k"):
-            cols[2].metric("Gain over the best single", f"{100 * gain / best.score('map@k'):+.1f}%")
-    elif best is not None:
-        cols[1].caption("No ensemble evaluated yet: run a weight sweep or train a fusion head.")
-    st.page_link(context.PAGES["leaderboard"], label="See the full leaderboard", icon=":material/leaderboard:",
+    st.subheader(f"So far on {views.md(imageset.name)} (map@k, k={k})")
+    widgets.headline(lb.headline(entries, k))
+    st.page_link(state.PAGES["leaderboard"], label="See the full leaderboard", icon=":material/leaderboard:",
                  query_params={"dataset": source})
 
 
-with context.guarded():
-    engine = context.engine()
+with widgets.guarded():
+    engine = state.engine()
     with db.read_session(engine) as session:
-        n_runs = db.count_runs(session)
-        n_datasets = len(db.list_datasets(session))
-
-    source = context.current_source()
+        n_runs, n_datasets = db.count_runs(session), len(db.list_datasets(session))
+    source, problem = state.dataset_choice()
+    if problem:
+        st.error(views.md(problem), icon=":material/block:")
     if source and n_runs:
-        headline(source)
+        with widgets.guarded():  # a dataset that no longer opens: the Data page says why; Start stays a start page
+            answer_so_far(source)
 
-    other = bool(source) and source != catalog.DEMO_SOURCE
+    other = bool(source) and source != configs.DEMO_SOURCE
     # The demo's sizes belong to the demo only: with another dataset current, its description is folded away.
-    demo = st.expander("Try the offline demo (Fashion-MNIST, a dataset of its own)") if other else st.container()
-    with demo:
+    with st.expander("Try the offline demo (Fashion-MNIST, a dataset of its own)") if other else st.container():
         if not other:
             st.subheader("Try it offline")
-        st.write(
-            "The offline demo is Fashion-MNIST: 1,000 eval images (100 per class) and 3,000 train images shipped "
-            f"with this machine, and four packaged models ({', '.join(catalog.DEMO_MODELS)}). One click queues the "
-            "extraction, the evaluation and a small weight sweep, makes the demo the current dataset, and starts a "
-            "worker if none is running. Extraction (4,000 images x 4 models) takes a minute or two on a GPU and can "
-            "take an hour on a small CPU; progress shows below, and every page works as soon as it is done."
-        )
+        st.write(DEMO_TEXT)
         if st.button("Prepare the offline demo", key="start:demo", type="primary", icon=":material/rocket_launch:"):
             if not jobs.worker_alive(engine):
-                context.start_worker()
-            ids = [context.submit(kind, params) for kind, params in catalog.demo_jobs()]
-            context.set_source(catalog.DEMO_SOURCE)
-            st.success(f"Demo queued (jobs {', '.join(map(str, ids))}). Progress shows below; you can leave this page.")
-
-    context.show_jobs(key="start:jobs")
+                state.start_worker()
+            queued = [config.submit(engine) for config in configs.demo_jobs()]
+            state.set_source(configs.DEMO_SOURCE)
+            st.success(f"Demo queued (jobs {', '.join(str(j.id) for j in queued)}). Progress shows below; "
+                       "you can leave this page.")
+    widgets.show_jobs(key="start:jobs")
 
     if n_runs:
         st.caption(f"This workspace holds {n_datasets} dataset(s) and {n_runs} run(s).")
         cols = st.columns(3)
-        cols[0].page_link(context.PAGES["leaderboard"], label="Open the leaderboard", icon=":material/leaderboard:")
-        cols[1].page_link(context.PAGES["explorer"], label="Explore queries", icon=":material/image_search:")
-        cols[2].page_link(context.PAGES["runs"], label="See all runs", icon=":material/history:")
+        cols[0].page_link(state.PAGES["leaderboard"], label="Open the leaderboard", icon=":material/leaderboard:")
+        cols[1].page_link(state.PAGES["explorer"], label="Explore queries", icon=":material/image_search:")
+        cols[2].page_link(state.PAGES["runs"], label="See all runs", icon=":material/history:")
     else:
         st.caption("Nothing has run in this workspace yet.")

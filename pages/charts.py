@@ -1,0 +1,99 @@
+"""Plotly figures of the pages: drawing only. The numbers come in computed (core.views, core.leaderboard);
+user strings (model, method and class names) go through core.views.plot_text, since Plotly renders a
+subset of HTML in labels."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from core.views import Heatmap, plot_text
+
+SINGLE, ENSEMBLE, REFERENCE = "#9e9e9e", "#1f77b4", "#616161"
+
+
+def board_bars(table: Sequence[Mapping], metric: str, k: int, best_single: float | None) -> go.Figure:
+    """Ranked rows as horizontal bars: single models grey, ensembles blue, a dashed line at the best single."""
+    figure = go.Figure(go.Bar(
+        x=[r[metric] for r in table], y=[f"{i}. {plot_text(r['method'])}" for i, r in enumerate(table, start=1)],
+        orientation="h", marker_color=[SINGLE if r["type"] == "single" else ENSEMBLE for r in table],
+        text=[f"{r[metric]:.4f}" for r in table], textposition="auto"))
+    if best_single is not None:
+        # The label sits above the plot area (paper y > 1), clear of the bars and their value labels.
+        figure.add_vline(x=best_single, line_dash="dash", line_color=REFERENCE)
+        figure.add_annotation(x=best_single, xref="x", y=1, yref="paper", yanchor="bottom", showarrow=False,
+                              text=f"best single {best_single:.4f}", font={"size": 11, "color": REFERENCE})
+    figure.update_layout(title=f"{metric} (k={k}): single models (grey) vs ensembles (blue)",
+                         height=140 + 28 * len(table), yaxis={"autorange": "reversed"},
+                         margin={"l": 10, "r": 10, "t": 64, "b": 10})
+    return figure
+
+
+def class_difference(rows: Sequence[Mapping], metric: str) -> go.Figure:
+    """Per-class B - A bars (core.explorer.per_class_difference)."""
+    return go.Figure(go.Bar(x=[plot_text(r["class"]) for r in rows], y=[r["B - A"] for r in rows],
+                            marker_color=["#2e7d32" if r["B - A"] >= 0 else "#c62828" for r in rows])
+                     ).update_layout(title=f"{metric}: B − A per class", height=320)
+
+
+def weight_heatmap(grid: Heatmap, metric: str, x_title: str, y_title: str, small: bool = False) -> go.Figure:
+    """A metric over two models' weights. Categorical axes: one equal cell per weight value, ticks labelled
+    by the values (a numeric axis gave uneven cells and ticks at -0.5); never-scored cells stay blank."""
+    figure = go.Figure(go.Heatmap(
+        z=grid.z, x=[f"{c:g}" for c in grid.columns], y=[f"{r:g}" for r in grid.rows], colorscale="Viridis",
+        **({"showscale": False} if small else {"text": grid.labels(), "texttemplate": "%{text}",
+                                               "colorbar": {"title": metric}})))
+    figure.update_layout(xaxis={"type": "category"}, yaxis={"type": "category"},
+                         xaxis_title=plot_text(x_title), yaxis_title=plot_text(y_title),
+                         **({"height": 260, "margin": {"l": 10, "r": 10, "t": 30, "b": 10}, "title": f"best {metric}"}
+                            if small else {"height": 480, "title": f"{metric} over weights (oracle)"}))
+    return figure
+
+
+def weight_lines(table: Sequence[Mapping], models: Sequence[str], metric: str) -> go.Figure:
+    """Parallel coordinates: one line per weight vector, one axis per model and one for the metric."""
+    values = np.array([r[metric] for r in table], dtype=float)
+    dims = [{"label": plot_text(m.split(":")[-1][-14:]), "values": [r[f"w:{m}"] for r in table]} for m in models]
+    dims.append({"label": metric, "values": values})
+    figure = go.Figure(go.Parcoords(line={"color": values, "colorscale": "Viridis", "showscale": True},
+                                    dimensions=dims))
+    return figure.update_layout(title=f"{metric} over weights (oracle): one line per weight vector", height=460)
+
+
+def training_curve(points: Sequence[Mapping], k: int) -> go.Figure | None:
+    """Train loss (right axis) and validation / eval map@k (left) per epoch; None before the first epoch."""
+    if not points:
+        return None
+    epochs = [p.get("epoch") for p in points]
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(x=epochs, y=[p.get("loss") for p in points], name="train loss", yaxis="y2",
+                                line={"dash": "dot"}))
+    for column, name in (("val_map", f"val map@{k} (train part)"), ("eval_map", f"eval map@{k}")):
+        if any(column in p for p in points):
+            figure.add_trace(go.Scatter(x=epochs, y=[p.get(column) for p in points], name=name, mode="lines+markers"))
+    figure.update_layout(height=340, xaxis_title="epoch", yaxis_title="map@k",
+                         yaxis2={"title": "loss", "overlaying": "y", "side": "right"},
+                         margin={"l": 10, "r": 10, "t": 30, "b": 10}, legend={"orientation": "h"})
+    return figure
+
+
+def run_bars(table: Sequence[Mapping], metric: str = "map@k") -> go.Figure:
+    # Numbered labels: a sweep holds the same method under several weight vectors (bars must not stack).
+    return go.Figure(go.Bar(x=[r[metric] for r in table],
+                            y=[f"{i}. {plot_text(r['method'])}" for i, r in enumerate(table, start=1)],
+                            orientation="h")
+                     ).update_layout(title=metric, yaxis={"autorange": "reversed"}, height=120 + 26 * len(table))
+
+
+def embedding_map(groups, coords: np.ndarray, ids: np.ndarray, class_names: Sequence[str], title: str) -> go.Figure:
+    """One trace per class (core.views.points_by_class); each point carries its dataset row in customdata."""
+    figure = go.Figure()
+    for c, members in groups:
+        name = plot_text(class_names[c])
+        figure.add_trace(go.Scattergl(
+            x=coords[members, 0], y=coords[members, 1], mode="markers", name=name, marker={"size": 6, "opacity": 0.8},
+            customdata=ids[members], text=[name] * len(members), hovertemplate="#%{customdata} · %{text}<extra></extra>"))
+    figure.update_layout(height=600, title=plot_text(title), legend={"itemsizing": "constant"}, dragmode="select",
+                         margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    return figure
