@@ -67,7 +67,8 @@ def shorten(text: Any, most: int = SHOWN_CHARS) -> str:
 
 
 def first_line(text: str | None) -> str:
-    return (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    lines = (text or "").strip().splitlines()
+    return lines[0].strip() if lines else ""
 
 
 # --- dataset sources the dashboard may open ----------------------------------------------------------
