@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Mapping
 from sqlalchemy import Engine
 
 from core import jobs
+from core.datasets import PROTOCOLS
 from core.heads import HeadConfig
 
 DEFAULT_K = 50
@@ -174,9 +175,12 @@ class JobConfig(Settings):
     models: tuple[str, ...] = DEMO_MODELS
     limit_per_class: int | None = None
     device: str = "auto"
+    protocol: str = "image"  # "image": the dataset's splits; "class": eval classes never seen in training
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the values once, here
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         set_(self, "dataset", check_source(self.dataset))
         set_(self, "models", check_models(self.models))
         set_(self, "limit_per_class", _optional_count("limit_per_class", self.limit_per_class, 10_000_000))
@@ -223,6 +227,21 @@ class SweepConfig(JobConfig):
 
 
 @dataclass(frozen=True)
+class SelectWeightsConfig(JobConfig):
+    """Concat weights chosen on the train split by the same exact sweep, then scored once on eval: the
+    honest counterpart of the sweep's oracle."""
+
+    kind: ClassVar[str] = "select_weights"
+    k: int = DEFAULT_K
+    weights: tuple[float, ...] = DEFAULT_GRID
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "k", check_k(self.k))
+        object.__setattr__(self, "weights", check_grid(self.weights, len(self.models)))
+
+
+@dataclass(frozen=True)
 class TrainHeadConfig(JobConfig):
     """A fusion head fitted on the train split, early-stopped on a validation part of it, scored on eval
     at `k` (the one k: the head's early stopping uses it too)."""
@@ -253,8 +272,10 @@ class TrainHeadConfig(JobConfig):
 
 def demo_jobs(source: str = DEMO_SOURCE) -> list[JobConfig]:
     """The jobs that prepare the offline demo, in order: extract the four packaged models, evaluate
-    each, then sweep the reference study's grid so the leaderboard has ensembles."""
-    return [ExtractConfig(dataset=source), EvaluateConfig(dataset=source), SweepConfig(dataset=source)]
+    each, sweep the reference study's grid (oracle), then choose weights on the train split (the
+    honest ensemble) and train the default fusion head."""
+    return [ExtractConfig(dataset=source), EvaluateConfig(dataset=source), SweepConfig(dataset=source),
+            SelectWeightsConfig(dataset=source), TrainHeadConfig(dataset=source)]
 
 
 def _to_json(value: Any) -> Any:

@@ -18,6 +18,9 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 SPLITS = ("train", "eval")
+# Evaluation protocols: split by image (classes shared) or by class (eval classes never seen in training).
+PROTOCOLS = ("image", "class")
+PROTOCOL_SPLIT = {"image": "eval", "class": "eval-new-classes"}  # the split label results are stored under
 # Folder / manifest names that mean "held out": the dashboard only distinguishes fitting from scoring.
 _SPLIT_ALIASES = {"train": "train", "eval": "eval", "val": "eval", "valid": "eval", "validation": "eval", "test": "eval"}
 
@@ -72,6 +75,24 @@ class ImageSet:
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; use one of {SPLITS}")
         return np.flatnonzero(self.splits == name).astype(np.int64)
+
+    def protocol_rows(self, protocol: str = "image") -> tuple[np.ndarray, np.ndarray]:
+        """(train rows, eval rows) under an evaluation protocol (PROTOCOLS):
+        "image": the dataset's own splits; classes are shared, as in the reference study.
+        "class": the first half of the classes (in name order) for training, the rest for eval, every
+        image of each, so nothing learned has seen an eval class (the CUB/Cars/SOP protocol)."""
+        if protocol == "image":
+            return self.split("train"), self.split("eval")
+        if protocol != "class":
+            raise ValueError(f"unknown protocol {protocol!r}; use one of {PROTOCOLS}")
+        n_classes = len(self.class_names)
+        if n_classes < 4:
+            raise DatasetError(f"splitting by class needs at least 4 classes (2 to train, 2 to evaluate); "
+                               f"{self.name!r} has {n_classes}")
+        order = np.argsort(np.array(self.class_names, dtype=object), kind="stable")
+        train_classes = order[: n_classes // 2]
+        in_train = np.isin(self.labels, train_classes)
+        return np.flatnonzero(in_train).astype(np.int64), np.flatnonzero(~in_train).astype(np.int64)
 
     def class_counts(self, split: str | None = None) -> dict[str, int]:
         labels = self.labels if split is None else self.labels[self.split(split)]

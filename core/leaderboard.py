@@ -14,14 +14,17 @@ from typing import Sequence
 from sqlalchemy import Engine, select
 
 from core import db
-from core.methods import Method
-from core.metrics import METRIC_KEYS
+from core.methods import ORACLE_LABEL, Method
+from core.metrics import METRIC_KEYS, PER_QUERY
+from core.scores import load_query_scores
+from core.stats import paired_difference
 from core.vectors import ratio_class
+from core.workspace import Workspace
 
 PROMOTE_KIND = "promote"
 # Leaderboard columns in the order the dashboard shows them.
 # The key columns (what won, by how much) first; the details that identify it after.
-COLUMNS = ("method", "type", *METRIC_KEYS, "gain", "gain_%", "models", "n_models", "weights", "chosen on",
+COLUMNS = ("method", "type", *METRIC_KEYS, "gain", "gain_%", "gain 95% CI", "p", "models", "n_models", "weights", "chosen on",
            "oracle", "promoted", "run_id", "result_id")
 
 
@@ -67,11 +70,12 @@ def entry_from_result(result: db.Result) -> Entry:
                  result.selected_on, result.run.kind == PROMOTE_KIND, dict(result.extra or {}))
 
 
-def entries_for_dataset(engine: Engine, fingerprint: str) -> list[Entry]:
-    """Every eval-split result of a finished run on this dataset, newest run first."""
+def entries_for_dataset(engine: Engine, fingerprint: str, split: str = "eval") -> list[Entry]:
+    """Every result of a finished run on this dataset scored on `split` ("eval": split by image;
+    "eval-new-classes": the class-disjoint protocol), newest run first."""
     with db.read_session(engine) as session:
         results = db.results_for_dataset(session, fingerprint)
-        return [entry_from_result(r) for r in results if r.split == "eval"]
+        return [entry_from_result(r) for r in results if r.split == split]
 
 
 def available_ks(entries: Sequence[Entry]) -> list[int]:
@@ -120,6 +124,8 @@ class Headline:
     best_single: Entry | None
     best_ensemble: Entry | None  # chosen on train or validation, or with nothing tuned
     best_oracle: Entry | None  # tuned on the eval split it is scored on: always labelled oracle
+    ensemble_vs_single: dict | None = None  # core.stats.paired_difference over the queries, when both kept them
+    oracle_vs_single: dict | None = None
 
     def gain(self, entry: Entry | None) -> float:
         if entry is None or self.best_single is None:
@@ -127,12 +133,57 @@ class Headline:
         return entry.score(self.metric) - self.best_single.score(self.metric)
 
 
-def headline(entries: Sequence[Entry], k: int, metric: str = "map@k") -> Headline:
+def headline(entries: Sequence[Entry], k: int, metric: str = "map@k", workspace: Workspace | None = None) -> Headline:
+    """With `workspace`, each gain comes with its paired 95 % interval and p-value over the eval queries."""
     at_k = board(entries, k, metric)
     singles = [e for e in at_k if e.kind == "single"]
     honest = [e for e in at_k if e.kind != "single" and not e.is_oracle]
     oracle = [e for e in at_k if e.kind != "single" and e.is_oracle]
-    return Headline(k, metric, *(_best(group, metric) if group else None for group in (singles, honest, oracle)))
+    single, ensemble, tuned = (_best(group, metric) if group else None for group in (singles, honest, oracle))
+    stats = {}
+    if workspace is not None and single is not None:
+        stats = {"ensemble_vs_single": compare(workspace, ensemble, single, metric),
+                 "oracle_vs_single": compare(workspace, tuned, single, metric)}
+    return Headline(k, metric, single, ensemble, tuned, **stats)
+
+
+def headline_text(head: Headline) -> str:
+    """The answer in words, for the CLI report and the dashboard: the honest ensemble's gain with its
+    interval, and the oracle beside it, labelled."""
+    if head.best_single is None:
+        return f"No single model has been scored at k={head.k} yet."
+    m = head.metric.replace("@k", f"@{head.k}")
+    lines = [f"Best single model: {head.best_single.label}, {m} {head.best_single.score(head.metric):.4f}."]
+    if head.best_ensemble is None:
+        lines.append("No ensemble chosen without the eval split yet: choose weights on train or train a head.")
+    else:
+        lines.append(f"Best ensemble: {head.best_ensemble.label} (chosen on {head.best_ensemble.selected_on}), "
+                     + _gain_text(head, head.best_ensemble, head.ensemble_vs_single))
+    if head.best_oracle is not None:
+        lines.append(f"Oracle: {head.best_oracle.label} ({ORACLE_LABEL}), "
+                     + _gain_text(head, head.best_oracle, head.oracle_vs_single))
+    return "\n".join(lines)
+
+
+def _gain_text(head: Headline, entry: Entry, stats: dict | None) -> str:
+    text = f"{head.metric.replace('@k', f'@{head.k}')} {entry.score(head.metric):.4f}, gain {100 * head.gain(entry):+.2f} points"
+    if stats:
+        text += (f" (95 % CI {100 * stats['ci_low']:+.2f} to {100 * stats['ci_high']:+.2f}, p = {stats['p_value']:.2g}; "
+                 f"{stats['wins']} queries better, {stats['losses']} worse: {stats['verdict']})")
+    return text + "."
+
+
+def compare(workspace: Workspace, a: Entry | None, b: Entry | None, metric: str = "map@k",
+            n_resamples: int = 10_000) -> dict | None:
+    """How much `a` beats `b` on the same eval queries (core.stats.paired_difference of per-query
+    `metric`, a - b), or None when either result kept no per-query scores or they differ in k or queries."""
+    if a is None or b is None:
+        return None
+    sa, sb = load_query_scores(workspace, a.result_id), load_query_scores(workspace, b.result_id)
+    if sa is None or sb is None or sa.k != sb.k or len(sa.n_relevant) != len(sb.n_relevant):
+        return None
+    attr = PER_QUERY[metric]
+    return paired_difference(getattr(sa, attr), getattr(sb, attr), n_resamples=n_resamples)
 
 
 def _weights_text(e: Entry) -> str:
@@ -141,17 +192,22 @@ def _weights_text(e: Entry) -> str:
     return ", ".join(f"{w:g}" for w in e.method.weights)
 
 
-def rows(entries: Sequence[Entry], metric: str = "map@k") -> list[dict]:
-    """Plain rows for a table (COLUMNS), with the gain over the best single model in `entries`."""
+def rows(entries: Sequence[Entry], metric: str = "map@k", workspace: Workspace | None = None) -> list[dict]:
+    """Plain rows for a table (COLUMNS), with the gain over the best single model in `entries` and, with
+    `workspace`, its paired 95 % interval and p-value (2,000 resamples per row, to keep a table quick)."""
     reference = best_single(entries, metric)
     ref = reference.score(metric) if reference is not None else float("nan")
     out = []
     for e in entries:
         value = e.score(metric)
         gain = value - ref if reference is not None else float("nan")
+        stats = compare(workspace, e, reference, metric, n_resamples=2_000) \
+            if workspace is not None and e is not reference else None
         out.append({
             "method": e.label, "type": e.kind, **{key: e.score(key) for key in METRIC_KEYS},
             "gain": gain, "gain_%": 100.0 * gain / ref if ref and ref == ref else float("nan"),
+            "gain 95% CI": f"[{stats['ci_low']:+.4f}, {stats['ci_high']:+.4f}]" if stats else "",
+            "p": stats["p_value"] if stats else float("nan"),
             "models": " + ".join(e.method.used_models), "n_models": len(e.method.used_models),
             "weights": _weights_text(e), "chosen on": e.selected_on, "oracle": e.is_oracle,
             "promoted": e.promoted, "run_id": e.run_id, "result_id": e.result_id,

@@ -33,6 +33,25 @@ class WeightSelection:
     oracle_eval: dict  # evaluated on eval with eval's best weights: "oracle (tuned on eval)"
 
 
+def weights_chosen_on_train(
+    embeddings: Sequence[np.ndarray],
+    labels: np.ndarray,
+    train_rows: np.ndarray,
+    eval_rows: np.ndarray,
+    weights: Sequence[float] = (0, 1, 2, 3, 4, 5),
+    k: int = 50,
+    *,
+    sweep: Callable[..., list[dict]] = grid_sweep,
+    reporter=None,
+) -> dict:
+    """The best row of a weight sweep over the train rows only (its "weights" and train metrics), after
+    checking that no eval row takes part."""
+    train_rows = np.asarray(train_rows)
+    check_disjoint(train_rows, np.asarray(eval_rows))
+    labels = np.asarray(labels)
+    return sweep([e[train_rows] for e in embeddings], labels[train_rows], weights, k, reporter=reporter)[0]
+
+
 def select_concat_weights(
     embeddings: Sequence[np.ndarray],
     labels: np.ndarray,
@@ -47,17 +66,16 @@ def select_concat_weights(
 ) -> WeightSelection:
     """Grid-sweep concat weights on the train rows, keep the best, and score it on the eval rows beside
     the oracle best of a sweep on the eval rows."""
-    train_rows, eval_rows = np.asarray(train_rows), np.asarray(eval_rows)
-    check_disjoint(train_rows, eval_rows)
-    labels = np.asarray(labels)
-    on_train = sweep([e[train_rows] for e in embeddings], labels[train_rows], weights, k, reporter=reporter)
+    on_train = weights_chosen_on_train(embeddings, labels, train_rows, eval_rows, weights, k, sweep=sweep,
+                                       reporter=reporter)
+    eval_rows, labels = np.asarray(eval_rows), np.asarray(labels)
     on_eval = sweep([e[eval_rows] for e in embeddings], labels[eval_rows], weights, k, reporter=reporter)
-    chosen = tuple(float(w) for w in on_train[0]["weights"])
+    chosen = tuple(float(w) for w in on_train["weights"])
     oracle = tuple(float(w) for w in on_eval[0]["weights"])
     eval_embeddings = [e[eval_rows] for e in embeddings]
     return WeightSelection(
         selected_weights=chosen,
-        selected_train=on_train[0],
+        selected_train=on_train,
         selected_eval=evaluate(weighted_concat(eval_embeddings, chosen), labels[eval_rows], k),
         oracle_weights=oracle,
         oracle_eval=evaluate(weighted_concat(eval_embeddings, oracle), labels[eval_rows], k),

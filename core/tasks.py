@@ -15,13 +15,15 @@ from sqlalchemy import Engine
 
 from core import db
 from core.cache import EmbeddingCache, EmbeddingSet
-from core.configs import EvaluateConfig, ExtractConfig, Settings, SweepConfig, TrainHeadConfig
-from core.datasets import ImageSet, open_dataset
+from core.configs import EvaluateConfig, ExtractConfig, SelectWeightsConfig, Settings, SweepConfig, TrainHeadConfig
+from core.datasets import PROTOCOL_SPLIT, ImageSet, open_dataset
 from core.extract import extract_embeddings
 from core.heads import checkpoint_key, clear_checkpoint, head_label, train_fusion_head
 from core.jobs import current_job_id
 from core.methods import Method
-from core.metrics import evaluate as evaluate_embeddings
+from core.metrics import METRIC_KEYS, QueryScores, per_query_scores
+from core.scores import save_query_scores
+from core.selection import weights_chosen_on_train
 from core.progress import JobCancelled, Reporter
 from core.sweep import grid_sweep, random_sweep
 from core.workspace import Workspace
@@ -114,16 +116,33 @@ def _embeddings(imageset: ImageSet, config, workspace: Workspace, reporter: Repo
     return [sets[m] for m in config.models]
 
 
-def _finish(engine: Engine, run_id: int, results: list[dict[str, Any]]) -> int:
+def _finish(engine: Engine, workspace: Workspace, run_id: int, results: list[dict[str, Any]]) -> int:
+    """Store the results (each may carry its per-query "scores", kept in a file beside the DB) and close the run."""
     with db.begin_immediate(engine) as session:
-        db.finish_run(session, run_id, results)
+        rows = db.add_results(session, run_id, [{k: v for k, v in r.items() if k != "scores"} for r in results])
+    for row, result in zip(rows, results):
+        if result.get("scores") is not None:
+            save_query_scores(workspace, row.id, result["scores"])
+    with db.begin_immediate(engine) as session:
+        db.finish_run(session, run_id)
     return run_id
 
 
-def _check_k(k: int, n_eval: int) -> None:
-    if k > n_eval - 1:
-        raise ValueError(f"k={k} but the eval split has only {n_eval} images ({n_eval - 1} to retrieve per "
-                         f"query); choose k of at most {max(1, n_eval - 1)}")
+def _scored(method: Method, scores: QueryScores, selected_on: str, split: str, **extra) -> dict[str, Any]:
+    return {"method": method, "metrics": scores.summary(), "scores": scores, "selected_on": selected_on,
+            "split": split, **({"extra": extra} if extra else {})}
+
+
+def _rows(imageset: ImageSet, config) -> tuple[np.ndarray, np.ndarray, str]:
+    """(train rows, eval rows, the split label results are stored under) for the job's protocol."""
+    train_rows, eval_rows = imageset.protocol_rows(config.protocol)
+    if len(eval_rows) < 2:
+        raise ValueError(f"the eval split of {imageset.name!r} has {len(eval_rows)} images; retrieval needs at least 2")
+    k = getattr(config, "k", None)
+    if k is not None and k > len(eval_rows) - 1:
+        raise ValueError(f"k={k} but the eval split has only {len(eval_rows)} images ({len(eval_rows) - 1} to "
+                         f"retrieve per query); choose k of at most {max(1, len(eval_rows) - 1)}")
+    return train_rows, eval_rows, PROTOCOL_SPLIT[config.protocol]
 
 
 # --- job kinds -----------------------------------------------------------------------------------
@@ -141,65 +160,88 @@ def extract(config: ExtractConfig, reporter: Reporter, workspace: Workspace, eng
                 session, dataset_id=dataset.id, model_name=es.model_name, cache_key=es.cache_key,
                 path=str(es.path), n=es.n, dim=es.dim, dtype=es.dtype,
             )
-        db.finish_run(session, run_id, [])
-    return run_id
+    return _finish(engine, workspace, run_id, [])
 
 
 @job_kind(EvaluateConfig)
 def evaluate(config: EvaluateConfig, reporter: Reporter, workspace: Workspace, engine: Engine) -> int:
     """One result per model, scored on the eval split."""
     imageset, run_id = _start("evaluate", f"evaluate {len(config.models)} models, k={config.k}", config, workspace, engine)
-    rows = imageset.split("eval")
-    _check_k(config.k, len(rows))
+    _, rows, split = _rows(imageset, config)
     sets = _embeddings(imageset, config, workspace, reporter)
     labels = imageset.labels[rows]
     results = []
     for i, (model, es) in enumerate(zip(config.models, sets)):
         reporter.check_cancel()
-        metrics = evaluate_embeddings(es.load()[rows], labels, config.k)
-        results.append({"method": Method.single(model), "metrics": metrics, "selected_on": "none"})
+        results.append(_scored(Method.single(model), per_query_scores(es.load()[rows], labels, config.k), "none", split))
         reporter.progress((i + 1) / len(sets), f"evaluated {model}")
-    return _finish(engine, run_id, results)
+    return _finish(engine, workspace, run_id, results)
 
 
 @job_kind(SweepConfig)
 def sweep(config: SweepConfig, reporter: Reporter, workspace: Workspace, engine: Engine) -> int:
     """Every weight vector is a result, labelled like "lite0(3)+lite2(1)". Vectors over two or more
     models are oracle numbers (tuned on the eval split they are scored on); a vector with one non-zero
-    weight is that model alone, with nothing tuned."""
+    weight is that model alone, with nothing tuned. The best vector of each model subset (what the
+    leaderboard shows) also keeps its per-query scores."""
     models = list(config.models)
     imageset, run_id = _start("sweep", f"weight sweep over {len(models)} models, k={config.k}", config, workspace, engine)
-    rows = imageset.split("eval")
-    _check_k(config.k, len(rows))
+    _, rows, split = _rows(imageset, config)
     sets = _embeddings(imageset, config, workspace, reporter)
     arrays, labels = [es.load()[rows] for es in sets], imageset.labels[rows]
     if config.search == "random":
         scored = random_sweep(arrays, labels, n_samples=config.n_samples, k=config.k, reporter=reporter)
     else:
         scored = grid_sweep(arrays, labels, weights=config.weights, k=config.k, reporter=reporter)
-    results = []
-    for row in scored:
+    by_model = dict(zip(models, arrays))
+    results, best_of_subset = [], set()
+    for row in scored:  # best first
         method = Method.concat(models, row["weights"])
-        metrics = {key: value for key, value in row.items() if key not in ("weights", "ratio")}
-        results.append({"method": method, "metrics": metrics,
-                        "selected_on": "eval" if method.kind == "concat" else "none",
-                        "extra": {"vector": [float(w) for w in row["weights"]]}})
-    return _finish(engine, run_id, results)
+        result = {"method": method, "metrics": {key: v for key, v in row.items() if key not in ("weights", "ratio")},
+                  "selected_on": "eval" if method.kind == "concat" else "none", "split": split,
+                  "extra": {"vector": [float(w) for w in row["weights"]]}}
+        if method.used_models not in best_of_subset:
+            best_of_subset.add(method.used_models)
+            reporter.check_cancel()
+            result["scores"] = per_query_scores(method.embeddings(by_model, np.arange(len(rows))), labels, config.k)
+        results.append(result)
+    return _finish(engine, workspace, run_id, results)
+
+
+@job_kind(SelectWeightsConfig)
+def select_weights(config: SelectWeightsConfig, reporter: Reporter, workspace: Workspace, engine: Engine) -> int:
+    """Concat weights chosen by the exact sweep on the train split alone, then scored once on eval."""
+    models = list(config.models)
+    imageset, run_id = _start("select_weights", f"weights chosen on train over {len(models)} models, k={config.k}",
+                              config, workspace, engine)
+    train_rows, eval_rows, split = _rows(imageset, config)
+    if len(train_rows) < 2:
+        raise ValueError(f"dataset {imageset.name!r} has no train split to choose weights on (give the manifest a "
+                         "split column or train/ and eval/ folders)")
+    imageset.check_disjoint(train_rows, eval_rows)
+    arrays = [es.load() for es in _embeddings(imageset, config, workspace, reporter)]
+    chosen = weights_chosen_on_train(arrays, imageset.labels, train_rows, eval_rows, config.weights, config.k,
+                                     reporter=reporter)
+    method = Method.concat(models, chosen["weights"])
+    scores = per_query_scores(method.embeddings(dict(zip(models, arrays)), eval_rows), imageset.labels[eval_rows],
+                              config.k)
+    train_metrics = {key: chosen[key] for key in METRIC_KEYS}
+    return _finish(engine, workspace, run_id, [_scored(method, scores, "train", split, train_metrics=train_metrics,
+                                                      vector=[float(w) for w in chosen["weights"]])])
 
 
 @job_kind(TrainHeadConfig)
 def train_head(config: TrainHeadConfig, reporter: Reporter, workspace: Workspace, engine: Engine) -> int:
-    """Trains on the dataset's train split (early-stopped on a validation part of it), reports on its
-    eval split, saves the head under workspace.heads/run-<id>; a re-run after a kill resumes from the
-    last epoch's checkpoint."""
+    """Trains on the train rows (early-stopped on a validation part of them), reports on the eval rows,
+    saves the head under workspace.heads/run-<id>; a re-run after a kill resumes from the last epoch's
+    checkpoint."""
     head_config, models = config.head, list(config.models)
     imageset, run_id = _start("train_head", f"{head_label(head_config)} over {', '.join(models)}", config,
                               workspace, engine)
-    train_rows, eval_rows = imageset.split("train"), imageset.split("eval")
+    train_rows, eval_rows, split = _rows(imageset, config)
     if len(train_rows) == 0:
         raise ValueError(f"dataset {imageset.name!r} has no train split; a fusion head is fitted on train "
                          "rows and reported on eval rows (give the manifest a split column or train/ and eval/ folders)")
-    _check_k(config.k, len(eval_rows))
     imageset.check_disjoint(train_rows, eval_rows)
     arrays = [es.load() for es in _embeddings(imageset, config, workspace, reporter)]
 
@@ -210,7 +252,8 @@ def train_head(config: TrainHeadConfig, reporter: Reporter, workspace: Workspace
 
     live = Reporter(on_progress=reporter.progress, is_cancelled=reporter.is_cancelled, on_metrics=record_point)
     labels = np.asarray(imageset.labels)
-    checkpoints = workspace.heads / "checkpoints" / checkpoint_key(imageset.fingerprint, models, head_config)
+    checkpoints = workspace.heads / "checkpoints" / checkpoint_key(
+        f"{imageset.fingerprint}:{config.protocol}", models, head_config)
     head = train_fusion_head(
         [a[train_rows] for a in arrays], labels[train_rows], head_config,
         eval_embeddings=[a[eval_rows] for a in arrays], eval_labels=labels[eval_rows],
@@ -219,11 +262,11 @@ def train_head(config: TrainHeadConfig, reporter: Reporter, workspace: Workspace
         checkpoint_dir=checkpoints, model_names=models,
     )
     folder = head.save(workspace.heads / f"run-{run_id}")
-    metrics = evaluate_embeddings(head.embed([a[eval_rows] for a in arrays]), labels[eval_rows], config.k)
+    scores = per_query_scores(head.embed([a[eval_rows] for a in arrays]), labels[eval_rows], config.k)
     extra = {"best_epoch": head.best_epoch, "val_map": head.best_val, "split_sizes": head.split}
     if head_config.kind == "learned_ratio":
         extra["learned_weights"] = head.module().weights
-    _finish(engine, run_id, [{"method": Method.head(models, str(folder), head_label(head_config)),
-                              "metrics": metrics, "selected_on": "validation", "extra": extra}])
+    _finish(engine, workspace, run_id, [_scored(Method.head(models, str(folder), head_label(head_config)), scores,
+                                                "validation", split, **extra)])
     clear_checkpoint(checkpoints)  # finished: nothing left to resume
     return run_id

@@ -10,6 +10,7 @@ from core.progress import JobCancelled, Reporter
 from core.methods import concat_label
 from core.sweep import WeightedConcatScorer, grid_sweep, random_sweep
 from core.vectors import ratio_class
+from tests.reference import quantised_embeddings, reference_sweep_metrics
 
 KEYS = ("map@k", "map@k_hits", "map@r", "p@1", "n_queries", "n_excluded")
 
@@ -25,16 +26,33 @@ def correlated_models(rng, n=150, classes=10, dims=(16, 24, 8)):
 
 
 @pytest.mark.parametrize("k", [5, 20])
-def test_grid_sweep_equals_naive_concat_for_every_vector(k):
+def test_grid_sweep_equals_the_float64_reference_for_every_vector(k):
     rng = np.random.default_rng(k)
-    embeddings, labels = correlated_models(rng)
+    embeddings, labels = correlated_models(rng, n=100)
     rows = grid_sweep(embeddings, labels, weights=(0, 1, 2, 3), k=k)
     assert len(rows) == 4 ** 3 - 1
     assert [r["map@k"] for r in rows] == sorted((r["map@k"] for r in rows), reverse=True)
     for row in rows:
-        naive = evaluate(weighted_concat(embeddings, row["weights"]), labels, k)
+        want = reference_sweep_metrics(embeddings, labels, row["weights"], k)
         for key in KEYS:
-            assert row[key] == pytest.approx(naive[key], abs=1e-6), (row["weights"], key)
+            assert row[key] == pytest.approx(want[key], abs=1e-6), (row["weights"], key)
+
+
+@pytest.mark.parametrize("k", [3, 60])
+def test_sweep_is_exact_with_ties_singleton_classes_and_k_beyond_the_gallery(k):
+    """Quantised vectors make every weighted cosine an exact multiple of 1/4 (real ties, duplicated
+    images included); two classes have one image (no relevant item: excluded); k=60 > the 39 others."""
+    rng = np.random.default_rng(7)
+    embeddings = [quantised_embeddings(rng, 40, d=8, duplicates=4) for _ in range(3)]
+    labels = rng.integers(0, 5, size=40)
+    labels[[3, 11]] = [97, 98]
+    rows = grid_sweep(embeddings, labels, weights=(0, 1, 2), k=k)
+    assert len(rows) == 3 ** 3 - 1
+    for row in rows:
+        want = reference_sweep_metrics(embeddings, labels, row["weights"], k)
+        assert row["n_excluded"] == want["n_excluded"] == 2
+        for key in KEYS:
+            assert row[key] == pytest.approx(want[key], abs=1e-9), (row["weights"], key)
 
 
 def test_uncertified_queries_fall_back_to_exact_and_stay_exact():
@@ -46,9 +64,9 @@ def test_uncertified_queries_fall_back_to_exact_and_stay_exact():
     got = scorer.score(weights)
     assert scorer.n_uncertified > 0
     for w, row in zip(weights, got):
-        naive = evaluate(weighted_concat(embeddings, w), labels, 5)
+        want = reference_sweep_metrics(embeddings, labels, w, 5)
         for key in KEYS:
-            assert row[key] == pytest.approx(naive[key], abs=1e-6)
+            assert row[key] == pytest.approx(want[key], abs=1e-6)
 
 
 def test_ratio_equivalent_vectors_share_scores():

@@ -103,3 +103,52 @@ def test_head_job_records_curve_result_and_resumes_after_cancel(engine, tmp_path
     assert head.model_names == MODELS and head.out_dim == 8 and head.config.k == 3
     assert np.isfinite(head.best_val)
     assert not [p for p in (workspace.heads / "checkpoints").rglob("*") if p.is_file()]  # nothing left to resume
+
+
+def test_honest_headline_with_per_query_scores_and_paired_interval(engine, tmp_path):
+    """evaluate + sweep (oracle) + select_weights (chosen on train) -> the headline's ensemble is the
+    train-selected one, its per-query scores are stored and its interval is computed from them."""
+    from core import leaderboard as lb
+    from core.configs import SelectWeightsConfig
+    from core.scores import load_query_scores
+    from core.stats import paired_difference
+
+    workspace, eng = engine
+    common = {"dataset": str(split_folder(tmp_path / "images", 8, 8)), "models": MODELS, "k": 3, "device": "cpu"}
+    for config in (EvaluateConfig(**common), SweepConfig(**common, weights=(0, 1, 2)), SelectWeightsConfig(**common, weights=(0, 1, 2))):
+        run_job(config.kind, config.to_dict(), SILENT, workspace, eng)
+    with db.read_session(eng) as session:
+        fingerprint = db.list_datasets(session)[0].fingerprint
+    entries = lb.entries_for_dataset(eng, fingerprint)
+    head = lb.headline(entries, 3, workspace=workspace)
+    assert head.best_ensemble.run_kind == "select_weights" and head.best_ensemble.selected_on == "train"
+    assert head.best_oracle.is_oracle and head.best_oracle.run_kind == "sweep"
+    a = load_query_scores(workspace, head.best_ensemble.result_id)
+    b = load_query_scores(workspace, head.best_single.result_id)
+    # the stored per-query scores average to the stored metric, and the interval is theirs
+    assert np.nanmean(a.ap_at_k) == pytest.approx(head.best_ensemble.score("map@k"), abs=1e-6)
+    want = paired_difference(a.ap_at_k, b.ap_at_k)
+    assert head.ensemble_vs_single == want
+    assert head.ensemble_vs_single["n"] == 16
+    text = lb.headline_text(head)
+    assert "chosen on train" in text and "oracle (tuned on eval)" in text and "95 % CI" in text
+
+
+def test_class_disjoint_protocol_keeps_eval_classes_out_of_training(engine, tmp_path):
+    from core.datasets import open_dataset
+
+    workspace, eng = engine
+    root = tmp_path / "classes"
+    for c, name in enumerate(["ant", "bee", "cat", "dog", "eel"]):
+        for i in range(6):
+            write_image(root / name / f"{i}.png", seed=100 * c + i)
+    imageset = open_dataset(str(root), workspace)
+    train_rows, eval_rows = imageset.protocol_rows("class")
+    names = np.array(imageset.class_names)
+    assert set(names[imageset.labels[train_rows]]) == {"ant", "bee"}
+    assert set(names[imageset.labels[eval_rows]]) == {"cat", "dog", "eel"}
+    config = EvaluateConfig(dataset=str(root), models=MODELS[:1], k=3, device="cpu", protocol="class")
+    run_id = run_job("evaluate", config.to_dict(), SILENT, workspace, eng)
+    with db.read_session(eng) as session:
+        (result,) = db.get_run(session, run_id).results
+    assert result.split == "eval-new-classes" and result.metrics["n_queries"] == 18
