@@ -1,6 +1,6 @@
-"""Command line: python -m core {models,extract,evaluate,sweep,train-head,report,export,embed,demo,worker} --help.
+"""Command line: python -m core {models,extract,evaluate,sweep,train-head,fuse,report,export,embed,demo,worker} --help.
 
-extract / evaluate / sweep / train-head run the same job handlers as the background worker, in this
+extract / evaluate / sweep / train-head / fuse run the same job handlers as the background worker, in this
 process, so a CLI run lands in the runs database exactly as a dashboard run does.
 """
 from __future__ import annotations
@@ -13,8 +13,9 @@ import sys
 from tqdm import tqdm
 
 from core import db
-from core.configs import (DEFAULT_GRID, DEFAULT_K, DEMO_MODELS, DEMO_SOURCE, EvaluateConfig, ExtractConfig,
-                          SweepConfig, TrainHeadConfig, check_k, demo_jobs, parse_names, parse_numbers)
+from core.configs import (DEFAULT_GRID, DEFAULT_K, DEMO_MODELS, DEMO_SOURCE, FUSE_METHODS, EvaluateConfig,
+                          ExtractConfig, FuseConfig, SelectWeightsConfig, SweepConfig, TrainHeadConfig, check_k, demo_jobs,
+                          parse_names, parse_numbers)
 from core.datasets import PROTOCOL_SPLIT, PROTOCOLS, open_dataset
 from core.errors import user_message
 from core.export import embed_command, export_result
@@ -120,6 +121,21 @@ def cmd_train_head(args) -> int:
     return 0
 
 
+def cmd_fuse(args) -> int:
+    """Every fusion method from one command: rank fusion and re-ranking (fuse jobs), weights chosen on
+    train (select_weights) and learned ratios (a learned_ratio head)."""
+    common = {**_common(args), "k": args.k}
+    if args.method == "select-weights":
+        config = SelectWeightsConfig(**common, **({"weights": parse_numbers(args.weights)} if args.weights else {}))
+    elif args.method == "learned-ratio":
+        config = TrainHeadConfig(**common, head={"kind": "learned_ratio"})
+    else:
+        config = FuseConfig(**common, method=args.method, weights=parse_numbers(args.weights) if args.weights else None,
+                            n=args.n, alpha=args.alpha)
+    _print_rows(_results(_run(config, args), args), args.json)
+    return 0
+
+
 def cmd_report(args) -> int:
     workspace, engine = _open_workspace(args)
     check_k(args.k)
@@ -142,6 +158,7 @@ def cmd_report(args) -> int:
     sections += [(f"Best {n}-model concatenations", lambda r, n=n: r["type"] == "concat" and r["n_models"] == n)
                  for n in (2, 3, 4)]
     sections.append(("Trained fusion heads", lambda r: r["type"] == "head"))
+    sections.append(("Rank fusion and re-ranking", lambda r: r["type"] in ("rank", "qe", "dba")))
     for title, keep in sections:
         chosen = [r for r in table if keep(r)][:args.top]
         if not chosen:
@@ -214,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("extract", "extract and cache embeddings"),
                            ("evaluate", "score each model alone on the eval split"),
                            ("sweep", "grid-sweep concat weights over every subset"),
-                           ("train-head", "train a fusion head on the train split, score on eval")):
+                           ("train-head", "train a fusion head on the train split, score on eval"),
+                           ("fuse", "run one fusion method (rank fusion, re-ranking, weights chosen on train, learned ratios)")):
         q = sub.add_parser(name, help=helptext)
         data_args(q)
         if name == "extract":
@@ -226,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["sweep"].add_argument("--top", type=int, default=20, help="rows to print")
     sub.choices["sweep"].add_argument("--random", type=int, default=0, metavar="N",
                                       help="continuous weights instead of the grid: N random points, then refinement")
+    fu = sub.choices["fuse"]
+    fu.add_argument("--method", required=True, choices=(*FUSE_METHODS, "select-weights", "learned-ratio"),
+                    help="rrf / max / combsum: merge the models' result lists; qe / dba: re-rank their concatenation; "
+                         "select-weights: concat weights chosen on the train split; learned-ratio: ratios learned on train")
+    fu.add_argument("--weights", default=None, help="combsum / qe / dba: one weight per model; select-weights: the grid")
+    fu.add_argument("--n", type=int, default=2, help="qe / dba: neighbours averaged in")
+    fu.add_argument("--alpha", type=float, default=3.0, help="qe / dba: similarity exponent")
     th = sub.choices["train-head"]
     th.add_argument("--kind", choices=HEAD_KINDS)
     th.add_argument("--out-dim", type=int)
@@ -265,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_worker(args, argv[at + 1:])
     args = build_parser().parse_args(argv)
     command = {"models": cmd_models, "extract": cmd_extract, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
-               "train-head": cmd_train_head, "report": cmd_report, "export": cmd_export, "embed": cmd_embed,
+               "train-head": cmd_train_head, "fuse": cmd_fuse, "report": cmd_report, "export": cmd_export, "embed": cmd_embed,
                "demo": cmd_demo}
     try:
         return command[args.command](args)

@@ -242,6 +242,47 @@ class SelectWeightsConfig(JobConfig):
 
 
 @dataclass(frozen=True)
+class FuseConfig(JobConfig):
+    """A fusion method with fixed parameters (nothing tuned, so nothing oracle): rank fusion of the
+    models' result lists (rrf, max, combsum) or re-ranking of their single model / concatenation
+    (`weights`, default equal) by alpha query expansion (qe) or database augmentation (dba)."""
+
+    kind: ClassVar[str] = "fuse"
+    method: str = "rrf"
+    k: int = DEFAULT_K
+    weights: tuple[float, ...] | None = None  # combsum, qe, dba: one per model (default: all 1)
+    rrf_k: float = 60.0  # rrf: the constant in 1 / (rrf_k + rank)
+    n: int = 2  # qe, dba: neighbours averaged in
+    alpha: float = 3.0  # qe, dba: similarity exponent of the neighbours' weights
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_ = object.__setattr__
+        if self.method not in FUSE_METHODS:
+            raise ConfigError(f"fusion method must be one of {', '.join(FUSE_METHODS)}, got {self.method!r}")
+        if self.method in ("rrf", "max", "combsum") and len(self.models) < 2:
+            raise ConfigError(f"{self.method} merges several models' results: choose at least two models")
+        set_(self, "k", check_k(self.k))
+        if self.weights is not None:
+            weights = parse_numbers(self.weights) if isinstance(self.weights, str) else tuple(check_weight(w) for w in self.weights)
+            if len(weights) != len(self.models) or not any(weights):
+                raise ConfigError(f"give one weight per model ({len(self.models)}), at least one above 0")
+            set_(self, "weights", weights)
+        for name, low, high in (("rrf_k", 0.0, 10_000.0), ("alpha", 0.0, 100.0)):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and low <= value <= high):
+                raise ConfigError(f"{name} must be between {low:g} and {high:g}, got {getattr(self, name)!r}")
+            set_(self, name, value)
+        n = _integer("n", self.n)
+        if not 0 <= n <= 100:
+            raise ConfigError(f"n must be between 0 and 100, got {n}")
+        set_(self, "n", n)
+
+
+FUSE_METHODS = ("rrf", "max", "combsum", "qe", "dba")
+
+
+@dataclass(frozen=True)
 class TrainHeadConfig(JobConfig):
     """A fusion head fitted on the train split, early-stopped on a validation part of it, scored on eval
     at `k` (the one k: the head's early stopping uses it too)."""

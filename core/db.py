@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
+import weakref
 from typing import Any, Iterator
 
 from sqlalchemy import (
@@ -131,6 +133,7 @@ class Result(Base):
     models: Mapped[list[str]] = mapped_column(JSON, default=list)
     weights: Mapped[list[float] | None] = mapped_column(JSON, nullable=True)
     head_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    options: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     selected_on: Mapped[str] = mapped_column(String(16), default="none")
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     split: Mapped[str] = mapped_column(String(32), default="eval")
@@ -207,6 +210,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if engine.dialect.name != "sqlite":
         return engine
 
+    path = sqlite_file(engine)
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, connection_record):  # noqa: ARG001
         # pysqlite must not emit its own BEGIN (it would defer the lock and skip SELECTs);
@@ -219,6 +224,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
+        if path is not None and engine not in _opened_files:
+            with contextlib.suppress(OSError):
+                _opened_files[engine] = (path, _file_identity(path))
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
@@ -228,6 +236,44 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def sqlite_file(engine: Engine) -> str | None:
+    """The absolute path of the SQLite file behind `engine`; None for other URLs and in-memory databases."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or database in (None, "", ":memory:") or database.startswith("file:"):
+        return None
+    return os.path.abspath(database)
+
+
+# engine -> (path, (st_dev, st_ino)) of the SQLite file it first opened. Every connection of an engine
+# must reach the same file: after the file is deleted or replaced, the connections already open still use
+# the old one while new ones open (or create) the new one, and processes silently stop seeing each other.
+_opened_files: weakref.WeakKeyDictionary[Engine, tuple[str, tuple[int, int]]] = weakref.WeakKeyDictionary()
+
+
+def _file_identity(path: str) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+
+
+def check_same_file(engine: Engine) -> str | None:
+    """None while the SQLite file `engine` first opened is still the one at its path (always None for other
+    URLs, or before the first connection); else what happened, as a sentence for the log or the dashboard.
+    One stat call: cheap enough for every poll of a worker and every rerun of a page."""
+    first = _opened_files.get(engine)
+    if first is None:
+        return None
+    path, opened = first
+    try:
+        now = _file_identity(path)
+    except FileNotFoundError:
+        return f"The runs database {path} was deleted after this process opened it"
+    except OSError as error:
+        return f"The runs database {path} cannot be checked any more ({error.strerror or error})"
+    if now != opened:
+        return f"The runs database {path} was replaced by another file after this process opened it"
+    return None
 
 
 def init_db(engine: Engine) -> None:
@@ -243,7 +289,8 @@ def init_db(engine: Engine) -> None:
 
 
 # Columns added to `results` after the first release; a DB made before them gets them filled in.
-_METHOD_COLUMNS = {"kind": "VARCHAR(16)", "models": "JSON", "head_path": "TEXT", "selected_on": "VARCHAR(16)"}
+_METHOD_COLUMNS = {"kind": "VARCHAR(16)", "models": "JSON", "head_path": "TEXT", "options": "JSON",
+                   "selected_on": "VARCHAR(16)"}
 
 
 def _add_method_columns(connection) -> None:
@@ -253,6 +300,8 @@ def _add_method_columns(connection) -> None:
         return
     for name in missing:
         connection.execute(text(f"ALTER TABLE results ADD COLUMN {name} {_METHOD_COLUMNS[name]}"))
+    if "kind" not in missing:  # the method was already stored as data
+        return
     rows = connection.execute(text(
         "SELECT results.id, results.method, results.weights, results.is_oracle, results.extra, runs.kind "
         "FROM results JOIN runs ON runs.id = results.run_id")).all()
@@ -433,6 +482,7 @@ def add_results(session: Session, run_id: int, results: list[dict[str, Any]]) ->
                 models=list(method.models),
                 weights=[float(w) for w in method.weights] if method.weights is not None else None,
                 head_path=method.head_path,
+                options=dict(method.options) or None,
                 selected_on=selected_on,
                 metrics=_json_safe(dict(r.get("metrics", {}))),
                 split=r.get("split", "eval"),

@@ -72,8 +72,10 @@ def export_result(engine, result_id: int, path: str | os.PathLike) -> Path:
         result = session.get(db.Result, int(result_id))
         if result is None:
             raise ValueError(f"result {result_id} does not exist: `python -m core report` and the Runs page list them")
-        method = Method(result.kind, tuple(result.models),
-                        tuple(result.weights) if result.weights is not None else None, result.head_path, result.method)
+        method = Method.from_result(result)
+        if not method.exportable:
+            raise MethodError(f"{method.label} ranks against the whole gallery and has no embedding of a new image "
+                              "to export; export a single model, a weighted concatenation or a head")
         return save_method(path, method, metrics=dict(result.metrics or {}), selected_on=result.selected_on,
                            split=result.split, description=f"{result.method} (result {result.id}, run {result.run_id})")
 

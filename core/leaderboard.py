@@ -64,9 +64,7 @@ class Entry:
 
 
 def entry_from_result(result: db.Result) -> Entry:
-    method = Method(result.kind, tuple(result.models or ()), tuple(result.weights) if result.weights is not None else None,
-                    result.head_path, result.method)
-    return Entry(result.id, result.run.id, result.run.kind, method, dict(result.metrics or {}),
+    return Entry(result.id, result.run.id, result.run.kind, Method.from_result(result), dict(result.metrics or {}),
                  result.selected_on, result.run.kind == PROMOTE_KIND, dict(result.extra or {}))
 
 

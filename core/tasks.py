@@ -15,13 +15,15 @@ from sqlalchemy import Engine
 
 from core import db
 from core.cache import EmbeddingCache, EmbeddingSet
-from core.configs import EvaluateConfig, ExtractConfig, SelectWeightsConfig, Settings, SweepConfig, TrainHeadConfig
+from core.configs import (EvaluateConfig, ExtractConfig, FuseConfig, SelectWeightsConfig, Settings, SweepConfig,
+                          TrainHeadConfig)
 from core.datasets import PROTOCOL_SPLIT, ImageSet, open_dataset
 from core.extract import extract_embeddings
 from core.heads import checkpoint_key, clear_checkpoint, head_label, train_fusion_head
 from core.jobs import current_job_id
 from core.methods import Method
-from core.metrics import METRIC_KEYS, QueryScores, per_query_scores
+from core.metrics import (METRIC_KEYS, QueryScores, depth_needed, per_query_scores, query_scores_from_ranking,
+                          relevant_counts)
 from core.scores import save_query_scores
 from core.selection import weights_chosen_on_train
 from core.progress import JobCancelled, Reporter
@@ -228,6 +230,26 @@ def select_weights(config: SelectWeightsConfig, reporter: Reporter, workspace: W
     train_metrics = {key: chosen[key] for key in METRIC_KEYS}
     return _finish(engine, workspace, run_id, [_scored(method, scores, "train", split, train_metrics=train_metrics,
                                                       vector=[float(w) for w in chosen["weights"]])])
+
+
+@job_kind(FuseConfig)
+def fuse(config: FuseConfig, reporter: Reporter, workspace: Workspace, engine: Engine) -> int:
+    """A rank fusion or re-ranking scored on the eval split from the ranking it produces, deep enough
+    for every metric to be exact. Its parameters are fixed, not tuned: selected_on none."""
+    models = list(config.models)
+    imageset, run_id = _start("fuse", f"{config.method} over {len(models)} models, k={config.k}", config, workspace, engine)
+    _, rows, split = _rows(imageset, config)
+    labels = imageset.labels[rows]
+    if config.method in ("rrf", "max", "combsum"):
+        method = Method.fused("rank", models, config.weights if config.method == "combsum" else None,
+                              rule=config.method, **({"rrf_k": config.rrf_k} if config.method == "rrf" else {}))
+    else:
+        method = Method.fused(config.method, models, config.weights, n=config.n, alpha=config.alpha)
+    arrays = dict(zip(models, (es.load() for es in _embeddings(imageset, config, workspace, reporter))))
+    reporter.progress(0.5, f"ranking every query by {method.label}")
+    depth = depth_needed(relevant_counts(labels), config.k, len(rows) - 1)
+    scores = query_scores_from_ranking(method.ranking(arrays, rows, depth), labels, config.k)
+    return _finish(engine, workspace, run_id, [_scored(method, scores, "none", split)])
 
 
 @job_kind(TrainHeadConfig)

@@ -87,3 +87,11 @@ def test_user_errors_are_one_clear_line_and_leave_no_run_running(folder, tmp_pat
     db.init_db(engine)
     with db.read_session(engine) as session:
         assert [r.status for r in db.list_runs(session) if r.status == "running"] == []
+
+
+@pytest.mark.parametrize("method, kind, chosen", [("rrf", "rank", "none"), ("select-weights", "concat", "train")])
+def test_fuse_runs_a_fusion_method_and_reports_how_it_was_chosen(folder, tmp_path, method, kind, chosen):
+    rows = json.loads(cli(tmp_path, "fuse", "--method", method, "--dataset", str(folder), "--models", MODELS,
+                          "--k", "3", "--weights", "0,1,2" if method == "select-weights" else "1,1", "--json").stdout)
+    (row,) = rows
+    assert row["chosen on"] == chosen and 0 <= row["map@k"] <= 1 and row["n_queries"] == 12

@@ -152,3 +152,41 @@ def test_class_disjoint_protocol_keeps_eval_classes_out_of_training(engine, tmp_
     with db.read_session(eng) as session:
         (result,) = db.get_run(session, run_id).results
     assert result.split == "eval-new-classes" and result.metrics["n_queries"] == 18
+
+
+@pytest.mark.parametrize("method, kind", [("rrf", "rank"), ("max", "rank"), ("combsum", "rank"), ("qe", "qe"),
+                                          ("dba", "dba")])
+def test_every_fusion_method_is_a_job_scored_from_its_ranking(engine, tmp_path, method, kind):
+    """A fuse job's stored metrics equal the float64 metrics of the ranking its method produces."""
+    from core.cache import EmbeddingCache
+    from core.configs import FuseConfig
+    from core.datasets import open_dataset
+    from core.extract import extract_embeddings
+    from core.leaderboard import entries_for_dataset
+    from core.methods import Method
+    from tests.reference import metrics_from_similarities
+
+    workspace, eng = engine
+    folder = split_folder(tmp_path / "images", 4, 8)
+    config = FuseConfig(dataset=str(folder), models=MODELS, k=3, device="cpu", method=method)
+    run_id = run_job("fuse", config.to_dict(), SILENT, workspace, eng)
+    with db.read_session(eng) as session:
+        (result,) = db.get_run(session, run_id).results
+    stored = Method.from_result(result)
+    assert (stored.kind, result.selected_on, result.is_oracle) == (kind, "none", False)
+    assert stored.exportable is False if kind != "dba" else stored.yields_embedding
+    imageset = open_dataset(str(folder), workspace)
+    sets = extract_embeddings(imageset, MODELS, EmbeddingCache(workspace.embeddings))
+    rows = imageset.split("eval")
+    labels = imageset.labels[rows]
+    depth = max(3, int(max((labels == label).sum() - 1 for label in labels)))  # exact for map@k and map@R
+    ranking = stored.ranking({m: sets[m].load() for m in MODELS}, rows, depth)
+    # the ranking as similarities (earlier = higher; the unranked rest below it), so the reference ranks it the same way
+    sims = np.full((len(rows), len(rows)), -1e9)
+    for q, order in enumerate(ranking):
+        sims[q, order] = -np.arange(len(order), dtype=float)
+        sims[q, q] = -np.inf
+    want = metrics_from_similarities(sims, labels, 3)
+    for key in ("map@k", "map@k_hits", "map@r", "p@1"):
+        assert result.metrics[key] == pytest.approx(want[key], abs=1e-9), key
+    assert [e.kind for e in entries_for_dataset(eng, imageset.fingerprint)] == [kind]
