@@ -307,8 +307,8 @@ def _add_method_columns(connection) -> None:
         "FROM results JOIN runs ON runs.id = results.run_id")).all()
     for row in rows:
         connection.execute(
-            text("UPDATE results SET kind = :kind, models = :models, head_path = :head_path, "
-                 "selected_on = :selected_on WHERE id = :id"),
+            text("UPDATE results SET kind = :kind, models = :models, weights = :weights, head_path = :head_path, "
+                 "selected_on = :selected_on, extra = :extra WHERE id = :id"),
             {"id": row.id, **_inferred_method(row)})
 
 
@@ -319,16 +319,19 @@ def _inferred_method(row) -> dict[str, Any]:
     run_kind = extra.get("source_run_kind", row.kind)
     models = list(extra.get("models") or ())
     head_path = extra.get("head_path")
+    if weights is not None and run_kind == "sweep":
+        extra["vector"] = weights  # the sweep table shows each row's weights as swept
     if run_kind == "train_head" or head_path:
-        kind, selected_on = "head", "validation"
+        kind, selected_on, weights = "head", "validation", None
     elif weights is not None and sum(1 for w in weights if w) > 1:
         kind, selected_on = "concat", "eval" if row.is_oracle else "train"
     else:
         kind, selected_on, head_path = "single", "none", None
         if weights is not None and models:
             models = [m for m, w in zip(models, weights) if w][:1]
-        models = models or [row.method]
-    return {"kind": kind, "models": json.dumps(models), "head_path": head_path, "selected_on": selected_on}
+        models, weights = models or [row.method], None
+    return {"kind": kind, "models": json.dumps(models), "weights": json.dumps(weights) if weights is not None else None,
+            "head_path": head_path, "selected_on": selected_on, "extra": json.dumps(extra)}
 
 
 @contextlib.contextmanager

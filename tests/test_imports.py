@@ -11,7 +11,7 @@ CORE = Path(__file__).resolve().parents[1] / "core"
 LAYERS = {
     "leaf: numerics and plumbing": ["vectors", "files", "devices", "errors", "progress", "workspace", "search",
                                     "metrics", "stats", "projection", "thumbnails"],
-    "retrieval methods": ["fusion", "sweep", "heads", "selection", "methods"],
+    "retrieval methods": ["fusion", "sweep", "heads", "selection", "ensemble_search", "complementarity", "methods"],
     "data": ["datasets", "models", "cache", "extract", "scores"],
     "runs": ["db", "jobs", "configs", "tasks", "worker"],
     "views for pages and the CLI": ["leaderboard", "explorer", "export", "catalog", "views", "__main__"],

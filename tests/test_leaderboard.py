@@ -97,9 +97,13 @@ def test_an_old_runs_db_is_upgraded_with_every_row_kept(tmp_path):
     assert got == {
         1: ("single", ("model_a",), None, None, "none"),
         2: ("concat", ("model_a", "model_b"), (2.0, 1.0), None, "eval"),
-        3: ("single", ("model_b",), (0.0, 3.0), None, "none"),
+        3: ("single", ("model_b",), None, None, "none"),
         4: ("head", ("model_a", "model_b"), None, "/h/run-3", "validation"),
     }
+    sweep = next(r for r in lb.runs_for_dataset(engine, "fp", "sweep"))
+    _, swept = lb.run_results(engine, sweep.id)
+    assert [r["same as"] for r in lb.sweep_rows(swept, ["model_a", "model_b"])] == ["", ""]
+    assert {e.extra["vector"][1] for e in swept} == {1, 3}  # each row's weights as swept
 
 
 def test_rows_measure_gain_over_the_best_single_model(engine):
