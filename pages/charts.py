@@ -86,12 +86,18 @@ def run_bars(table: Sequence[Mapping], metric: str = "map@k") -> go.Figure:
                      ).update_layout(title=metric, yaxis={"autorange": "reversed"}, height=120 + 26 * len(table))
 
 
+# Above this many points WebGL draws faster than SVG; below it SVG starts sooner (no GL context to create,
+# which costs most where the browser has no GPU and emulates WebGL).
+WEBGL_FROM_POINTS = 2_000
+
+
 def embedding_map(groups, coords: np.ndarray, ids: np.ndarray, class_names: Sequence[str], title: str) -> go.Figure:
     """One trace per class (core.views.points_by_class); each point carries its dataset row in customdata."""
     figure = go.Figure()
+    scatter = go.Scattergl if len(ids) > WEBGL_FROM_POINTS else go.Scatter
     for c, members in groups:
         name = plot_text(class_names[c])
-        figure.add_trace(go.Scattergl(
+        figure.add_trace(scatter(
             x=coords[members, 0], y=coords[members, 1], mode="markers", name=name, marker={"size": 6, "opacity": 0.8},
             customdata=ids[members], text=[name] * len(members), hovertemplate="#%{customdata} · %{text}<extra></extra>"))
     figure.update_layout(height=600, title=plot_text(title), legend={"itemsizing": "constant"}, dragmode="select",

@@ -25,6 +25,29 @@ def dataset_form(current: str | None) -> None:
                 st.rerun()
 
 
+def summary(imageset, source: str) -> None:
+    """core.catalog.summarise: sizes, classes per split, sample images, skipped files and dropped duplicates."""
+    facts = catalog.summarise(imageset)
+    st.markdown(f"**{views.md(facts.name)}** · {views.md(source)} · fingerprint `{facts.fingerprint[:12]}`")
+    for column, (label, value) in zip(st.columns(5), [("Images", facts.n_images), ("Eval split", facts.n_eval),
+                                                      ("Train split", facts.n_train), ("Skipped files", facts.n_skipped),
+                                                      ("Duplicates dropped", len(imageset.duplicates))]):
+        column.metric(label, f"{value:,}")
+    if facts.n_eval == 0:
+        st.warning("This dataset has no eval split: the leaderboard evaluates on eval rows. "
+                   "Give the manifest a split column, or use eval/ (or val/, test/) folders.")
+    left, right = st.columns([2, 3])
+    left.dataframe(pd.DataFrame(facts.class_rows), hide_index=True, key="data:classes", height=300)
+    with right:
+        samples(imageset)
+    for what, rows in (("skipped files", [{"path": s.path, "reason": s.reason} for s in imageset.skipped]),
+                       ("duplicates dropped", [{"kept": d.kept, "dropped": d.dropped, "reason": d.reason}
+                                               for d in imageset.duplicates])):
+        if rows:
+            with st.expander(f"{len(rows)} {what}"):
+                st.dataframe(pd.DataFrame(rows), hide_index=True)
+
+
 def samples(imageset) -> None:
     st.caption("Sample images (first eval images of each class)")
     grid = st.columns(8)
@@ -58,26 +81,7 @@ with widgets.guarded():
         st.stop()
 
     imageset, source = widgets.require_imageset()
-    summary = catalog.summarise(imageset)
-    st.markdown(f"**{views.md(summary.name)}** · {views.md(source)} · fingerprint `{summary.fingerprint[:12]}`")
-    for column, (label, value) in zip(st.columns(5), [("Images", summary.n_images), ("Eval split", summary.n_eval),
-                                                      ("Train split", summary.n_train), ("Skipped files", summary.n_skipped),
-                                                      ("Duplicates dropped", len(imageset.duplicates))]):
-        column.metric(label, f"{value:,}")
-    if summary.n_eval == 0:
-        st.warning("This dataset has no eval split: the leaderboard evaluates on eval rows. "
-                   "Give the manifest a split column, or use eval/ (or val/, test/) folders.")
-    left, right = st.columns([2, 3])
-    left.dataframe(pd.DataFrame(summary.class_rows), hide_index=True, key="data:classes", height=300)
-    with right:
-        samples(imageset)
-    for what, rows in (("skipped files", [{"path": s.path, "reason": s.reason} for s in imageset.skipped]),
-                       ("duplicates dropped", [{"kept": d.kept, "dropped": d.dropped, "reason": d.reason}
-                                               for d in imageset.duplicates])):
-        if rows:
-            with st.expander(f"{len(rows)} {what}"):
-                st.dataframe(pd.DataFrame(rows), hide_index=True)
-
+    summary(imageset, source)
     st.subheader("Models")
     sets = catalog.cached_sets(state.embedding_cache(), imageset.fingerprint)
     statuses = catalog.model_statuses(state.embedding_cache(), imageset.fingerprint, [s.model_name for s in sets])

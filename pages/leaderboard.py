@@ -31,6 +31,34 @@ def evaluate_form(imageset, source: str, key: str, default_k: int = configs.DEFA
                 widgets.submitted(config.submit(state.engine()), "Evaluation")
 
 
+def methods_table(imageset, source: str, board: list[lb.Entry], best: lb.Entry | None, k: int, metric: str) -> None:
+    """core.leaderboard.rows of the board, with a link from a selected row to the query explorer, the exports
+    and the top 20 as bars."""
+    table = lb.rows(board, metric)
+    st.subheader(f"All methods at k={k}")
+    st.caption(f"'chosen on' says how each method's weights were picked: 'eval' = {ORACLE_LABEL} (as the reference "
+               "study did); heads are fitted on train and stopped on a validation part of it.")
+    picked = st.dataframe(pd.DataFrame(table, columns=lb.COLUMNS), hide_index=True, key="lb:table", on_select="rerun",
+                          selection_mode="single-row", column_config=COLUMNS)
+    if picked and picked.selection.rows:
+        row = table[picked.selection.rows[0]]
+        ids = [row["result_id"]] + ([best.result_id] if best and best.result_id != row["result_id"] else [])
+        st.page_link(state.PAGES["explorer"], label=f"Explore queries: {views.md(row['method'])} vs best single",
+                     icon=":material/image_search:", query_params={"methods": ",".join(map(str, ids)), "dataset": source})
+    widgets.download_buttons(table, f"leaderboard-{imageset.name}-k{k}", "lb:export")
+    st.plotly_chart(charts.board_bars(table[:20], metric, k, best.score(metric) if best else None), key="lb:bar")
+
+
+def by_size(entries: list[lb.Entry], k: int, metric: str) -> None:
+    st.subheader("Best ensemble of each size (the reference study's layout)")
+    table = lb.best_by_model_count(entries, k, metric)
+    if len(table) > 1:
+        st.dataframe(pd.DataFrame(table), hide_index=True, key="lb:by_size", column_config={metric: NUMBER, "gain": GAIN})
+    else:
+        st.info("No concatenations yet: run a weight sweep to fill this table.")
+        st.page_link(state.PAGES["sweep"], label="Open the weight sweep", icon=":material/tune:")
+
+
 def per_class(imageset, board: list[lb.Entry], best: lb.Entry | None, k: int, metric: str) -> None:
     """Per-class AP of two entries (core.explorer.per_class_difference over cached per-query scores)."""
     labels = [f"{e.label} [{e.kind}]" for e in board]
@@ -70,31 +98,11 @@ with widgets.guarded():
     top[2].caption(METRICS[METRIC_KEYS.index(metric)].header(k) + ". Queries without any relevant item are excluded.")
 
     board = lb.board(entries, k, metric)
-    table = lb.rows(board, metric)
     best = lb.best_single(board, metric)
     widgets.headline(lb.headline(entries, k, metric))
 
-    st.subheader(f"All methods at k={k}")
-    st.caption(f"'chosen on' says how each method's weights were picked: 'eval' = {ORACLE_LABEL} (as the reference "
-               "study did); heads are fitted on train and stopped on a validation part of it.")
-    picked = st.dataframe(pd.DataFrame(table, columns=lb.COLUMNS), hide_index=True, key="lb:table", on_select="rerun",
-                          selection_mode="single-row", column_config=COLUMNS)
-    if picked and picked.selection.rows:
-        row = table[picked.selection.rows[0]]
-        ids = [row["result_id"]] + ([best.result_id] if best and best.result_id != row["result_id"] else [])
-        st.page_link(state.PAGES["explorer"], label=f"Explore queries: {views.md(row['method'])} vs best single",
-                     icon=":material/image_search:", query_params={"methods": ",".join(map(str, ids)), "dataset": source})
-    widgets.download_buttons(table, f"leaderboard-{imageset.name}-k{k}", "lb:export")
-    st.plotly_chart(charts.board_bars(table[:20], metric, k, best.score(metric) if best else None), key="lb:bar")
-
-    st.subheader("Best ensemble of each size (the reference study's layout)")
-    by_size = lb.best_by_model_count(entries, k, metric)
-    if len(by_size) > 1:
-        st.dataframe(pd.DataFrame(by_size), hide_index=True, key="lb:by_size", column_config={metric: NUMBER, "gain": GAIN})
-    else:
-        st.info("No concatenations yet: run a weight sweep to fill this table.")
-        st.page_link(state.PAGES["sweep"], label="Open the weight sweep", icon=":material/tune:")
-
+    methods_table(imageset, source, board, best, k, metric)
+    by_size(entries, k, metric)
     st.subheader("Per-class AP: compare two entries")
     with widgets.guarded():
         per_class(imageset, board, best, k, metric)

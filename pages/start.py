@@ -23,7 +23,8 @@ st.markdown(
 DEMO_TEXT = (
     "The offline demo is Fashion-MNIST: 1,000 eval images (100 per class) and 3,000 train images shipped with this "
     f"machine, and four packaged models ({', '.join(configs.DEMO_MODELS)}). One click queues the extraction, the "
-    "evaluation and a small weight sweep, makes the demo the current dataset, and starts a worker if none is "
+    "evaluation, the reference study's weight sweep (tuned on eval: the oracle), weights chosen on the train split "
+    "and a fusion head (the honest ensembles), makes the demo the current dataset, and starts a worker if none is "
     "running. Extraction (4,000 images x 4 models) takes a minute or two on a GPU and can take an hour on a small "
     "CPU; progress shows below, and every page works as soon as it is done.")
 

@@ -33,13 +33,21 @@ def launch_form(source: str, models: list[str]) -> None:
         weights = cols[0].text_input("Weight values", ", ".join(map(str, configs.DEFAULT_GRID)), key="sweep:weights",
                                      help="Each model takes each value; 0 = left out")
         k = cols[1].number_input("k", min_value=1, max_value=configs.MAX_K, value=configs.DEFAULT_K, key="sweep:k")
-        if st.form_submit_button("Start sweep", type="primary", icon=":material/tune:"):
+        cols = st.columns(2)
+        oracle = cols[0].form_submit_button("Start sweep", type="primary", icon=":material/tune:",
+                                            help=f"Scores every vector on eval: {ORACLE_LABEL}")
+        honest = cols[1].form_submit_button("Choose weights on train", icon=":material/verified:",
+                                            help="The same search on the train split; only the chosen vector is "
+                                                 "scored on eval (an honest ensemble for the headline)")
+        if oracle or honest:
             with widgets.guarded():
                 if len(chosen) < 2:
                     raise configs.ConfigError("choose at least two models to sweep their weights")
-                config = configs.SweepConfig(dataset=source, models=tuple(chosen), weights=weights, k=int(k))
-                widgets.submitted(config.submit(state.engine()),
-                                  f"Sweep of {views.grid_size(config.weights, len(chosen)):,} weight vectors")
+                settings = configs.SweepConfig if oracle else configs.SelectWeightsConfig
+                config = settings(dataset=source, models=tuple(chosen), weights=weights, k=int(k))
+                n = views.grid_size(config.weights, len(chosen))
+                widgets.submitted(config.submit(state.engine()), f"Sweep of {n:,} weight vectors" if oracle
+                                  else f"Choosing weights on train among {n:,} vectors")
 
 
 def pictures(table: list[dict], models: list[str], metric: str) -> None:

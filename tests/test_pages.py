@@ -429,6 +429,18 @@ def test_sweep_page_shows_ranked_vectors_heatmap_and_promotes(monkeypatch, seede
     assert table(at, "method", "promoted")["promoted"].any()
 
 
+def test_sweep_form_queues_weights_chosen_on_train(monkeypatch, seeded):
+    at = app(monkeypatch, seeded["workspace"].root, "pages/sweep.py", dataset=seeded["source"])
+    at.text_input(key="sweep:weights").input("0, 1, 3")
+    at = next(b for b in at.button if b.label == "Choose weights on train").click().run()
+    no_exception(at)
+    engine = db.make_engine(seeded["workspace"].db_url)
+    [job] = jobs.list_jobs(engine, kind="select_weights")
+    assert job.params["weights"] == [0, 1, 3] and job.params["models"] == MODELS
+    assert any("among 8 vectors" in e.value for e in at.success)
+    jobs.request_cancel(engine, job.id)
+
+
 def test_sweep_form_refuses_a_grid_too_large(monkeypatch, seeded):
     at = app(monkeypatch, seeded["workspace"].root, "pages/sweep.py", dataset=seeded["source"])
     at.text_input(key="sweep:weights").input(",".join(f"{i / 10:g}" for i in range(400)))

@@ -89,10 +89,21 @@ def test_leaderboard_lists_both_models_and_an_ensemble(page, app):
         assert 0.0 < float(row["map@k"]) <= 1.0, row
         assert row.get("k", "10") in ("10", "10.0"), row
     best_single = max(float(r["map@k"]) for r in by_type["single"])
-    best_ensemble = max(float(r["map@k"]) for r in ensembles)
+    assert {r["chosen on"] for r in ensembles} == {"eval"}, table  # the CLI ran only the oracle sweep
+    best_oracle = max(float(r["map@k"]) for r in ensembles)
     metrics = page.locator("[data-testid=stMetric]").all_inner_texts()
     assert any("Best single model" in m and f"{best_single:.4f}" in m for m in metrics), metrics
-    assert any("Best ensemble" in m and f"{best_ensemble:.4f}" in m for m in metrics), metrics
+    assert any("Best ensemble, oracle (tuned on eval)" in m and f"{best_oracle:.4f}" in m for m in metrics), metrics
+    assert not any("chosen without eval" in m for m in metrics), metrics
+    page.get_by_text("No ensemble chosen without the eval split yet").wait_for()
+
+
+def test_a_link_to_a_server_path_is_refused(page, app):
+    """?dataset= naming a folder outside the data roots: one clear message, nothing scanned, no traceback."""
+    open_page(page, app, "Leaderboard", params="dataset=/usr/share/icons")
+    clean(page)
+    page.get_by_text("The dashboard does not open '/usr/share/icons'").wait_for()
+    assert "/usr/share/icons" not in sidebar(page)
 
 
 def test_runs_page_lists_the_cli_runs_and_opens_one(page, app):
