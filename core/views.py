@@ -305,6 +305,14 @@ def ranked(table: Sequence[Mapping], metric: str, most: int | None = None) -> li
     return out if most is None else out[:most]
 
 
+def interval_text(stats: Mapping | None) -> str:
+    """A paired comparison (core.stats.paired_difference) in one line: the interval, p and the queries won."""
+    if not stats:
+        return "no per-query scores kept: no interval"
+    return (f"95 % CI {stats['ci_low']:+.4f} to {stats['ci_high']:+.4f}, p = {stats['p_value']:.2g}; "
+            f"{stats['wins']} queries better, {stats['losses']} worse: {stats['verdict']}")
+
+
 def relative_gain(gain: float, base: float) -> float:
     """gain as a percentage of base (NaN when base is 0 or missing)."""
     return 100.0 * gain / base if base and base == base else float("nan")

@@ -1,5 +1,5 @@
 """What the pages keep between reruns, one copy per process: opened datasets, method embeddings, per-query
-scores, 2-D projections and models for uploads.
+scores, paired comparisons, 2-D projections and models for uploads.
 
 All st.cache_resource, never st.cache_data: the values are large arrays that a data cache would copy
 (pickle) on every hit. Each key names what the value depends on, so a changed input is a new entry,
@@ -8,17 +8,19 @@ not a stale one. The computations themselves are core's (named in each function)
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import numpy as np
 import streamlit as st
 
 from core import catalog, views
 from core import leaderboard as lb
-from core.datasets import ImageSet, open_dataset
+from core.datasets import PROTOCOL_SPLIT, ImageSet, open_dataset
 from core.explorer import cached_arrays, query_scores
 from core.methods import Method
 from core.metrics import QueryScores
 from core.projection import project, sample_positions
+from core.scores import load_query_scores
 from core.thumbnails import thumbnail_path
 from core.workspace import Workspace
 from pages import state
@@ -42,13 +44,14 @@ def forget_imageset(source: str) -> None:
     _imageset.clear(source, str(state.workspace().root), views.source_stamp(source))
 
 
-def eval_rows(imageset: ImageSet) -> np.ndarray:
-    return imageset.split("eval")
+def eval_rows(imageset: ImageSet, protocol: str = "image") -> np.ndarray:
+    """The rows queries come from under `protocol` (core.datasets.ImageSet.protocol_rows)."""
+    return imageset.protocol_rows(protocol)[1]
 
 
-def entries(imageset: ImageSet) -> list[lb.Entry]:
-    """core.leaderboard.entries_for_dataset: every stored eval result on this dataset."""
-    return lb.entries_for_dataset(state.engine(), imageset.fingerprint)
+def entries(imageset: ImageSet, protocol: str = "image") -> list[lb.Entry]:
+    """core.leaderboard.entries_for_dataset: every stored result on this dataset under `protocol`."""
+    return lb.entries_for_dataset(state.engine(), imageset.fingerprint, PROTOCOL_SPLIT[protocol])
 
 
 def cached_models(imageset: ImageSet) -> list[str]:
@@ -63,32 +66,40 @@ def thumb(imageset: ImageSet, row: int, size: int = 128) -> str | None:
 
 # --- methods ----------------------------------------------------------------------------------------------
 
-def _key(imageset: ImageSet, method: Method) -> str:
-    """The dataset, the method and the state of each embedding file it reads (a re-extraction is a new key)."""
+def _key(imageset: ImageSet, method: Method, protocol: str) -> str:
+    """The dataset, the method, the protocol and the state of each embedding file the method reads (a
+    re-extraction is a new key)."""
     arrays = cached_arrays(state.embedding_cache(), imageset, list(method.used_models))
     files = sorted((name, os.stat(a.filename).st_mtime_ns) for name, a in arrays.items())
-    return f"{imageset.fingerprint}|{method.to_dict()}|{files}"
+    return f"{imageset.fingerprint}|{protocol}|{method.to_dict()}|{files}"
 
 
 @st.cache_resource(show_spinner="Building the method's embeddings ...", max_entries=4)  # 50k x 5k floats = 1 GB
-def _method_embeddings(key: str, _imageset: ImageSet, _method: Method) -> np.ndarray:
+def _method_embeddings(key: str, _imageset: ImageSet, _method: Method, protocol: str) -> np.ndarray:
     arrays = cached_arrays(state.embedding_cache(), _imageset, list(_method.used_models))
-    return _method.embeddings(arrays, eval_rows(_imageset))
+    return _method.embeddings(arrays, eval_rows(_imageset, protocol))
 
 
-def method_embeddings(imageset: ImageSet, method: Method) -> np.ndarray:
-    """core.methods.Method.embeddings of the eval split."""
-    return _method_embeddings(_key(imageset, method), imageset, method)
+def method_embeddings(imageset: ImageSet, method: Method, protocol: str = "image") -> np.ndarray:
+    """core.methods.Method.embeddings of the query rows."""
+    return _method_embeddings(_key(imageset, method, protocol), imageset, method, protocol)
 
 
 @st.cache_resource(show_spinner="Scoring every query ...", max_entries=24)
-def _method_scores(key: str, k: int, _imageset: ImageSet, _method: Method) -> QueryScores:
-    return query_scores(method_embeddings(_imageset, _method), _imageset.labels[eval_rows(_imageset)], k)
+def _method_scores(key: str, k: int, _imageset: ImageSet, _method: Method, protocol: str) -> QueryScores:
+    labels = _imageset.labels[eval_rows(_imageset, protocol)]
+    return query_scores(method_embeddings(_imageset, _method, protocol), labels, k)
 
 
-def method_scores(imageset: ImageSet, method: Method, k: int) -> QueryScores:
-    """core.explorer.query_scores: per-query AP of every eval query (one full evaluation, once per process)."""
-    return _method_scores(_key(imageset, method), int(k), imageset, method)
+def method_scores(imageset: ImageSet, method: Method, k: int, result_id: int | None = None,
+                  protocol: str = "image") -> QueryScores:
+    """Per-query AP of every query: the scores stored with `result_id` when they are at this k
+    (core.scores), else one full evaluation here (core.explorer.query_scores, once per process)."""
+    if result_id is not None:
+        stored = load_query_scores(state.workspace(), result_id)
+        if stored is not None and stored.k == k and len(stored.n_relevant) == len(eval_rows(imageset, protocol)):
+            return stored
+    return _method_scores(_key(imageset, method, protocol), int(k), imageset, method, protocol)
 
 
 @st.cache_resource(show_spinner="Projecting to 2-D ...", max_entries=8)
@@ -99,7 +110,7 @@ def _projection(key: str, how: str, max_points: int, _imageset: ImageSet, _metho
 
 def projection(imageset: ImageSet, method: Method, how: str, max_points: int) -> tuple[np.ndarray, np.ndarray]:
     """core.projection: (eval positions shown, their 2-D coordinates)."""
-    return _projection(_key(imageset, method), how, int(max_points), imageset, method)
+    return _projection(_key(imageset, method, "image"), how, int(max_points), imageset, method)
 
 
 @st.cache_resource(show_spinner="Loading the model for uploads ...", max_entries=8)
@@ -107,3 +118,34 @@ def loaded_model(name: str):
     """A model on the CPU for embedding an uploaded image; loaded on the first upload, not before."""
     from core.models import load_model
     return load_model(name, "cpu")
+
+
+# --- paired comparisons (bootstraps over the queries: seconds on a large eval set, so computed once) ------
+
+def _ids(entries: Sequence[lb.Entry | None]) -> tuple:
+    return tuple(e.result_id if e is not None else None for e in entries)
+
+
+@st.cache_resource(show_spinner="Comparing the methods query by query ...", max_entries=64)
+def _headline(key: tuple, _entries: Sequence[lb.Entry], k: int, metric: str, root: str) -> lb.Headline:
+    return lb.headline(_entries, k, metric, Workspace.open(root))
+
+
+def headline(entries: Sequence[lb.Entry], k: int, metric: str = "map@k") -> lb.Headline:
+    """core.leaderboard.headline with each gain's paired interval; recomputed only when the best single
+    model, ensemble or oracle changes (stored per-query scores never change for a result)."""
+    quick = lb.headline(entries, k, metric)
+    chosen = _ids([quick.best_single, quick.best_ensemble, quick.best_oracle])
+    return _headline((chosen, k, metric), entries, k, metric, str(state.workspace().root))
+
+
+@st.cache_resource(show_spinner="Paired intervals for every row ...", max_entries=16)
+def _rows_with_intervals(key: tuple, _board: Sequence[lb.Entry], metric: str, root: str) -> list[dict]:
+    return lb.rows(_board, metric, Workspace.open(root))
+
+
+def board_rows(board: Sequence[lb.Entry], metric: str, intervals: bool) -> list[dict]:
+    """core.leaderboard.rows; with `intervals`, each gain's paired 95 % interval and p-value too."""
+    if not intervals:
+        return lb.rows(board, metric)
+    return _rows_with_intervals((_ids(board), metric), board, metric, str(state.workspace().root))

@@ -9,6 +9,7 @@ import streamlit as st
 from core import configs, views
 from core import leaderboard as lb
 from core.explorer import per_class_difference
+from core.datasets import PROTOCOLS
 from core.methods import ORACLE_LABEL
 from core.metrics import METRIC_KEYS, METRICS
 from pages import cached, charts, state, widgets
@@ -16,7 +17,9 @@ from pages import cached, charts, state, widgets
 st.title("Leaderboard")
 NUMBER = st.column_config.NumberColumn(format="%.4f")
 GAIN = st.column_config.NumberColumn(format="%+.4f")
-COLUMNS = {**{c: NUMBER for c in METRIC_KEYS}, "gain": GAIN, "gain_%": st.column_config.NumberColumn("gain %", format="%+.2f")}
+PROTOCOL_NAMES = {"image": "split by image (classes shared)", "class": "split by class (eval classes never trained on)"}
+COLUMNS = {**{c: NUMBER for c in METRIC_KEYS}, "gain": GAIN, "gain_%": st.column_config.NumberColumn("gain %", format="%+.2f"),
+           "p": st.column_config.NumberColumn(format="%.3g")}
 
 
 def evaluate_form(imageset, source: str, key: str, default_k: int = configs.DEFAULT_K) -> None:
@@ -31,11 +34,38 @@ def evaluate_form(imageset, source: str, key: str, default_k: int = configs.DEFA
                 widgets.submitted(config.submit(state.engine()), "Evaluation")
 
 
+def choose_view(imageset) -> tuple[str, int, str, list[lb.Entry]]:
+    """(protocol, k, metric, the protocol's entries) from the widgets, which start from and are kept in the
+    URL; the protocol choice shows only once results of the class-disjoint protocol exist."""
+    protocols = [p for p in PROTOCOLS if p == "image" or cached.entries(imageset, p)]
+    protocol = "image"
+    if len(protocols) > 1:
+        wanted = state.url_value("protocol", partial(views.pick, options=protocols, name="protocol"), "image")
+        protocol = st.segmented_control("Protocol", protocols, default=wanted, format_func=PROTOCOL_NAMES.get,
+                                        key="lb:protocol") or "image"
+        state.remember("protocol", protocol)
+    entries = cached.entries(imageset, protocol)
+    ks = lb.available_ks(entries)
+    if not ks:
+        return protocol, configs.DEFAULT_K, "map@k", entries
+    top = st.columns([1, 2, 3])
+    k = top[0].selectbox("k", ks, index=ks.index(state.url_value("k", partial(views.pick, options=ks, name="k"),
+                                                                 views.default_k(ks))), key="lb:k")
+    metric = top[1].selectbox("Rank by", METRIC_KEYS, key="lb:metric", index=METRIC_KEYS.index(
+        state.url_value("metric", partial(views.pick, options=METRIC_KEYS, name="metric"), "map@k")))
+    state.remember("k", k)
+    state.remember("metric", metric)
+    top[2].caption(METRICS[METRIC_KEYS.index(metric)].header(k) + ". Queries without any relevant item are excluded.")
+    return protocol, k, metric, entries
+
+
 def methods_table(imageset, source: str, board: list[lb.Entry], best: lb.Entry | None, k: int, metric: str) -> None:
-    """core.leaderboard.rows of the board, with a link from a selected row to the query explorer, the exports
-    and the top 20 as bars."""
-    table = lb.rows(board, metric)
+    """core.leaderboard.rows of the board (with paired intervals on request), a link from a selected row to
+    the query explorer, the exports and the top 20 as bars."""
     st.subheader(f"All methods at k={k}")
+    intervals = st.toggle("Paired 95 % interval and p-value of each gain (bootstrap over the queries; computed "
+                          "once, slow on large eval sets)", key="lb:intervals")
+    table = cached.board_rows(board, metric, intervals)
     st.caption(f"'chosen on' says how each method's weights were picked: 'eval' = {ORACLE_LABEL} (as the reference "
                "study did); heads are fitted on train and stopped on a validation part of it.")
     picked = st.dataframe(pd.DataFrame(table, columns=lb.COLUMNS), hide_index=True, key="lb:table", on_select="rerun",
@@ -59,17 +89,19 @@ def by_size(entries: list[lb.Entry], k: int, metric: str) -> None:
         st.page_link(state.PAGES["sweep"], label="Open the weight sweep", icon=":material/tune:")
 
 
-def per_class(imageset, board: list[lb.Entry], best: lb.Entry | None, k: int, metric: str) -> None:
-    """Per-class AP of two entries (core.explorer.per_class_difference over cached per-query scores)."""
+def per_class(imageset, board: list[lb.Entry], best: lb.Entry | None, k: int, metric: str, protocol: str) -> None:
+    """Per-class AP of two entries (core.explorer.per_class_difference over their per-query scores: stored
+    with the result, or computed once)."""
     labels = [f"{e.label} [{e.kind}]" for e in board]
     cols = st.columns(2)
     default_b = next((i for i, e in enumerate(board) if e.kind != "single"), min(1, len(board) - 1))
     a = cols[0].selectbox("A", range(len(board)), index=board.index(best) if best in board else 0,
                           format_func=labels.__getitem__, key="lb:a")
     b = cols[1].selectbox("B", range(len(board)), index=default_b, format_func=labels.__getitem__, key="lb:b")
-    if st.toggle("Compute per-class AP (searches every query with both methods)", key="lb:per_class"):
-        scores = [cached.method_scores(imageset, board[i].method, k) for i in (a, b)]
-        diff = per_class_difference(*scores, imageset.labels[cached.eval_rows(imageset)], imageset.class_names, metric)
+    if st.toggle("Compare per class", key="lb:per_class"):
+        scores = [cached.method_scores(imageset, board[i].method, k, board[i].result_id, protocol) for i in (a, b)]
+        labels = imageset.labels[cached.eval_rows(imageset, protocol)]
+        diff = per_class_difference(*scores, labels, imageset.class_names, metric)
         st.dataframe(pd.DataFrame(diff), hide_index=True, key="lb:per_class_table",
                      column_config={"A": NUMBER, "B": NUMBER, "B - A": GAIN})
         st.plotly_chart(charts.class_difference(diff, metric), key="lb:per_class_bar")
@@ -77,9 +109,10 @@ def per_class(imageset, board: list[lb.Entry], best: lb.Entry | None, k: int, me
 
 with widgets.guarded():
     imageset, source = widgets.require_imageset()
-    entries = cached.entries(imageset)
-    st.caption(f"Dataset **{views.md(imageset.name)}** · eval split: {len(cached.eval_rows(imageset)):,} queries; "
-               "each query searches every other eval image (cosine; ties by index).")
+    protocol, k, metric, entries = choose_view(imageset)
+    st.caption(f"Dataset **{views.md(imageset.name)}** · {PROTOCOL_NAMES[protocol]}: "
+               f"{len(cached.eval_rows(imageset, protocol)):,} queries; each query searches every other eval image "
+               "(cosine; ties by index).")
     if not entries:
         st.info("No results on this dataset yet. Evaluate the cached models (queued as a job), or prepare the "
                 "offline demo on the Start page.")
@@ -87,25 +120,14 @@ with widgets.guarded():
         widgets.show_jobs(kinds=("evaluate", "extract", "sweep"), key="lb:jobs")
         st.stop()
 
-    ks = lb.available_ks(entries)
-    top = st.columns([1, 2, 3])
-    k = top[0].selectbox("k", ks, index=ks.index(state.url_value("k", partial(views.pick, options=ks, name="k"),
-                                                                 views.default_k(ks))), key="lb:k")
-    metric = top[1].selectbox("Rank by", METRIC_KEYS, key="lb:metric", index=METRIC_KEYS.index(
-        state.url_value("metric", partial(views.pick, options=METRIC_KEYS, name="metric"), "map@k")))
-    state.remember("k", k)
-    state.remember("metric", metric)
-    top[2].caption(METRICS[METRIC_KEYS.index(metric)].header(k) + ". Queries without any relevant item are excluded.")
-
     board = lb.board(entries, k, metric)
     best = lb.best_single(board, metric)
-    widgets.headline(lb.headline(entries, k, metric))
-
+    widgets.headline(cached.headline(entries, k, metric))
     methods_table(imageset, source, board, best, k, metric)
     by_size(entries, k, metric)
     st.subheader("Per-class AP: compare two entries")
     with widgets.guarded():
-        per_class(imageset, board, best, k, metric)
+        per_class(imageset, board, best, k, metric, protocol)
     with st.expander("Evaluate models at another k"):
         evaluate_form(imageset, source, "lb:evaluate", default_k=k)
     widgets.show_jobs(kinds=("evaluate", "extract", "sweep"), key="lb:jobs")

@@ -51,30 +51,33 @@ def thumbnails(imageset, rows: np.ndarray, labels: np.ndarray) -> None:
                       args=(int(rows[position]),))
 
 
-def query_list(how: str, imageset, rows, labels, methods, chosen: list[str], k: int, query: int | None) -> None:
+def query_list(how: str, imageset, rows, labels, picked: list, chosen: list[str], k: int, query: int | None) -> None:
     """Queries the first ensemble fixed or broke against the first single model, or the hardest ones
-    (views.changed_rows / views.hardest_rows over cached per-query scores)."""
-    single, fused = views.single_and_fused(methods)
+    (views.changed_rows / views.hardest_rows over per-query scores: stored with the result, or computed once)."""
+    single, fused = views.single_and_fused([o.method for o in picked])
     names = imageset.class_names
+
+    def scores(i: int):
+        return cached.method_scores(imageset, picked[i].method, k, picked[i].result_id)
+
     if how == "hardest":
         base = fused if fused is not None else 0
-        table = views.hardest_rows(cached.method_scores(imageset, methods[base], k), rows, labels, names, k, chosen[base])
+        table = views.hardest_rows(scores(base), rows, labels, names, k, chosen[base])
     elif single is None or fused is None:
         st.info("Choose one single model and one ensemble (or head) to see where the ensemble fixed or broke queries.")
         return
     else:
-        table = views.changed_rows(cached.method_scores(imageset, methods[fused], k),
-                                   cached.method_scores(imageset, methods[single], k), rows, labels, names, k,
+        table = views.changed_rows(scores(fused), scores(single), rows, labels, names, k,
                                    improved=how == "ensemble fixed")
         st.caption(f"Single: {views.md(chosen[single])} · ensemble: {views.md(chosen[fused])} · {len(table)} queries "
                    "shown (most changed first)")
     if not table:
         st.info("No query to list.")
         return
-    picked = st.dataframe(pd.DataFrame(table), hide_index=True, key=f"explorer:list:{how}", on_select="rerun",
-                          selection_mode="single-row")
-    if picked and picked.selection.rows and table[picked.selection.rows[0]]["id"] != query:
-        set_query(table[picked.selection.rows[0]]["id"])
+    selected = st.dataframe(pd.DataFrame(table), hide_index=True, key=f"explorer:list:{how}", on_select="rerun",
+                            selection_mode="single-row")
+    if selected and selected.selection.rows and table[selected.selection.rows[0]]["id"] != query:
+        set_query(table[selected.selection.rows[0]]["id"])
         st.rerun()
 
 
@@ -149,7 +152,7 @@ with widgets.guarded():
                 set_query(picked)
                 st.rerun()
         else:
-            query_list(how, imageset, rows, labels, methods, chosen, k, query)
+            query_list(how, imageset, rows, labels, [options[name] for name in chosen], chosen, k, query)
         upload = st.file_uploader(f"…or search with your own image (PNG/JPEG, up to {views.MAX_UPLOAD_BYTES // 2**20} MB, "
                                   f"{views.MAX_UPLOAD_PIXELS // 10**6} megapixels)", type=["png", "jpg", "jpeg"],
                                   key="explorer:upload")

@@ -37,7 +37,7 @@ def answer_so_far(source: str) -> None:
     if k is None:
         return
     st.subheader(f"So far on {views.md(imageset.name)} (map@k, k={k})")
-    widgets.headline(lb.headline(entries, k))
+    widgets.headline(cached.headline(entries, k))
     st.page_link(state.PAGES["leaderboard"], label="See the full leaderboard", icon=":material/leaderboard:",
                  query_params={"dataset": source})
 

@@ -139,24 +139,28 @@ def download_buttons(table: list[dict], name: str, key: str) -> None:
 
 def headline(h: Headline) -> None:
     """core.leaderboard.headline drawn: the best single model, the best ensemble chosen without the eval
-    split and its gain, and beside it the best one tuned on eval, always labelled as the oracle."""
+    split with its gain and paired interval, and beside it the best one tuned on eval, always labelled as
+    the oracle."""
     cols = st.columns(3)
     if h.best_single is None:
         st.warning(f"No single model evaluated at k={h.k}, so no gain can be computed: evaluate the models.")
         return
     base = h.best_single.score(h.metric)
     cols[0].metric(f"Best single model ({h.metric})", f"{base:.4f}", help=views.md(h.best_single.label))
+    cols[0].caption(views.md(h.best_single.label))
     if h.best_ensemble is not None:
         gain = h.gain(h.best_ensemble)
         cols[1].metric("Best ensemble (chosen without eval)", f"{h.best_ensemble.score(h.metric):.4f}",
                        f"{gain:+.4f} ({views.relative_gain(gain, base):+.1f}%)",
                        help=f"{views.md(h.best_ensemble.label)}, chosen on {h.best_ensemble.selected_on}")
+        cols[1].caption(views.md(f"{h.best_ensemble.label} · {views.interval_text(h.ensemble_vs_single)}"))
     else:
-        cols[1].info("No ensemble chosen without the eval split yet: train a fusion head (fitted on train) to get "
-                     "an honest one. Sweep weights are tuned on eval: they count only as the oracle.")
+        cols[1].info("No ensemble chosen without the eval split yet: choose weights on train (Weight sweep page) "
+                     "or train a fusion head. Sweep weights are tuned on eval: they count only as the oracle.")
     if h.best_oracle is not None:
         gain = h.gain(h.best_oracle)
         cols[2].metric(f"Best ensemble, {ORACLE_LABEL}", f"{h.best_oracle.score(h.metric):.4f}",
                        f"{gain:+.4f} ({views.relative_gain(gain, base):+.1f}%)",
-                       help=f"{views.md(h.best_oracle.label)}: weights tuned on the eval split it is scored on, so "
-                            "this overstates what the ensemble does on new data")
+                       help="weights tuned on the eval split it is scored on, so this overstates what the "
+                            "ensemble does on new data")
+        cols[2].caption(views.md(f"{h.best_oracle.label} · {views.interval_text(h.oracle_vs_single)}"))

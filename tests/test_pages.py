@@ -362,6 +362,8 @@ def test_start_page_headline_is_honest_and_labels_the_oracle(monkeypatch, seeded
     assert honest.proto.delta.startswith(f"{expected['honest'] - expected['single']:+.4f}")
     oracle = shown["Best ensemble, oracle (tuned on eval)"]
     assert oracle.value == f"{expected['oracle']:.4f}"
+    intervals = [c for c in texts(at).splitlines() if "95 % CI" in c]
+    assert len(intervals) == 2, texts(at)  # the honest gain and the oracle gain, each with its paired interval
 
 
 def test_headline_without_an_honest_ensemble_says_so(monkeypatch, tmp_path, seeded):
@@ -398,6 +400,12 @@ def test_leaderboard_ranks_methods_with_gain(monkeypatch, seeded):
     assert list(by_size["models in ensemble"]) == [1, 2]
     assert "map@5" in texts(at)
     assert "Best ensemble, oracle (tuned on eval)" in [m.label for m in at.metric]
+    at.toggle(key="lb:intervals").set_value(True).run()
+    no_exception(at)
+    with_ci = table(at, "method", "gain 95% CI", "p")
+    others = with_ci[with_ci["gain"] != 0]
+    assert len(others) and all(text.startswith("[") for text in others["gain 95% CI"])
+    assert ((others["p"] > 0) & (others["p"] <= 1)).all()
     # per-class comparison of two entries
     at.toggle(key="lb:per_class").set_value(True).run()
     no_exception(at)

@@ -293,6 +293,12 @@ def test_ranked_puts_nan_last_and_keeps_ties_in_order():
     assert [r["m"] for r in views.ranked(table, "s", 2)] == ["c", "a"]
 
 
+def test_interval_text():
+    stats = {"ci_low": -0.0123, "ci_high": 0.04, "p_value": 0.0312, "wins": 7, "losses": 3, "verdict": "better"}
+    assert views.interval_text(stats) == "95 % CI -0.0123 to +0.0400, p = 0.031; 7 queries better, 3 worse: better"
+    assert views.interval_text(None) == "no per-query scores kept: no interval"
+
+
 def test_relative_gain():
     assert views.relative_gain(0.05, 0.5) == pytest.approx(10.0)
     assert math.isnan(views.relative_gain(0.05, 0.0)) and math.isnan(views.relative_gain(0.05, float("nan")))
