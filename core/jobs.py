@@ -22,8 +22,9 @@ from typing import Any, Iterable
 
 from sqlalchemy import Engine, select, text, update
 
-from core.db import Job, Run, WorkerRow, begin_immediate, fail_run, read_session, utcnow
+from core.db import Job, Run, WorkerRow, begin_immediate, check_same_file, fail_run, read_session, utcnow
 from core.progress import JobCancelled, Reporter
+from core.workspace import Workspace
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 ACTIVE = (QUEUED, RUNNING)
@@ -140,6 +141,22 @@ def worker_alive(engine: Engine, within_s: float = 30.0) -> bool:
             )
             is not None
         )
+
+
+def queue_problem(engine: Engine, workspace: Workspace) -> str | None:
+    """Why queued jobs may never run, as one message for the dashboard (shown above "Worker running"), or
+    None: the runs database this process opened was deleted or replaced (jobs submitted now would land where
+    no worker looks), or the last worker on this workspace stopped on a problem (read-only database, full
+    disk) that a restart alone does not fix."""
+    replaced = check_same_file(engine)
+    if replaced:
+        return (f"{replaced}: jobs submitted now would never reach a worker, and workers stop when they notice. "
+                "Restart the dashboard so it opens the database now at that path, then start a worker.")
+    last = workspace.last_worker_exit()
+    if last:
+        return (f"The last worker (pid {last.pid} on {last.host}) stopped at {last.at}: {last.message}. "
+                "Queued jobs wait until a worker runs again.")
+    return None
 
 
 # --- what workers call ---------------------------------------------------------------------------

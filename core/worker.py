@@ -6,6 +6,11 @@ processes (on as many hosts, against one PostgreSQL URL) as there are devices to
 
 SIGTERM/SIGINT: stop claiming; the current job gets `--grace` seconds to finish, after which it is
 handed back to the queue (another worker starts it over) and the process exits with status 0.
+
+A worker whose runs database goes away stops with one log line, also kept in the workspace's
+worker-exit.json for the dashboard (core.jobs.queue_problem), and a non-zero status:
+  3  the SQLite file it opened was deleted or replaced: a restart opens the file now at that path;
+  4  the database cannot take writes (read-only file or folder, full disk): fix that, then restart.
 """
 from __future__ import annotations
 
@@ -24,12 +29,16 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from core import jobs
-from core.db import Job, init_db, make_engine
+from core.db import Job, check_same_file, init_db, make_engine
+from core.errors import database_unwritable, user_message
 from core.progress import JobCancelled, Reporter
 from core.tasks import run_job
 from core.workspace import Workspace
 
 log = logging.getLogger("core.worker")
+
+EXIT_DB_REPLACED = 3
+EXIT_DB_UNWRITABLE = 4
 
 
 class Executor(Protocol):
@@ -72,21 +81,33 @@ class WorkerSettings:
 
 
 def describe_error(error: BaseException) -> str:
-    """First line for the dashboard, then the traceback for whoever debugs it."""
-    short = f"{type(error).__name__}: {error}".strip()
+    """First line for the dashboard (the CLI's one line, core.errors.user_message), then the traceback
+    for whoever debugs it."""
     details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    return f"{short}\n\n{details}"
+    return f"{user_message(error)}\n\n{details}"
+
+
+def stop_on_database_problem(message: str, code: int, engine: Engine, workspace: Workspace | None) -> int:
+    """Log why the worker stops in one line, keep it for the dashboard, and return the exit status."""
+    log.error("worker stopped: %s", message)
+    if workspace is not None and not workspace.record_worker_exit(
+            message, db=engine.url.render_as_string(hide_password=True)):
+        log.error("could not write %s either", workspace.worker_exit_file)
+    return code
 
 
 class Worker:
     def __init__(self, engine: Engine, executor: Executor, settings: WorkerSettings | None = None,
-                 worker_id: str | None = None):
-        self.engine, self.executor = engine, executor
+                 worker_id: str | None = None, workspace: Workspace | None = None):
+        self.engine, self.executor, self.workspace = engine, executor, workspace
         self.settings = settings or WorkerSettings()
         self.id = worker_id or jobs.new_worker_id()
         self._stopping = threading.Event()
         self._deadline: float | None = None
         self._current: int | None = None
+        self._last_sweep: float | None = None
+        self._stopped_on: int | None = None  # the exit status, once a database problem stopped this worker
+        self._stop_lock = threading.Lock()
         self._done = threading.Event()
 
     def stop(self) -> None:
@@ -96,35 +117,75 @@ class Worker:
         self._stopping.set()
 
     def run(self) -> int:
+        """Returns the process's exit status: 0, or EXIT_DB_REPLACED / EXIT_DB_UNWRITABLE."""
         s = self.settings
-        jobs.register_worker(self.engine, self.id, s.kinds)
+        try:
+            jobs.register_worker(self.engine, self.id, s.kinds)
+        except OperationalError as error:
+            code = self._stop_if_fatal(error)
+            if not code:
+                raise
+            return code
+        if self.workspace is not None:
+            self.workspace.clear_worker_exit()
         log.info("worker %s started (kinds: %s)", self.id, ", ".join(s.kinds) if s.kinds else "all")
-        self._requeue_stale()
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
-        last_sweep = time.monotonic()
+        code = 0
         try:
             while not self._stopping.is_set():
+                replaced = check_same_file(self.engine)
+                if replaced:
+                    code = self._stop(replaced, EXIT_DB_REPLACED)
+                    break
                 try:
-                    job = jobs.claim(self.engine, self.id, s.kinds)
-                except OperationalError as error:  # the database went away for a while: retry
-                    log.warning("could not claim a job: %s", error)
-                    self._stopping.wait(s.poll_interval_s)
-                    continue
-                if job is None:
+                    if self._claim_and_run():
+                        continue
                     if s.once:
                         break
-                    if time.monotonic() - last_sweep >= s.stale_after_s:
-                        self._requeue_stale()
-                        last_sweep = time.monotonic()
-                    self._stopping.wait(s.poll_interval_s)
-                    continue
-                self._run_one(job)
+                except OperationalError as error:
+                    code = self._stop_if_fatal(error)
+                    if code:
+                        break
+                    log.warning("the runs database failed; trying again: %s", user_message(error))
+                self._stopping.wait(s.poll_interval_s)
         finally:
             self._done.set()
             beat.join(timeout=5)
-            jobs.unregister_worker(self.engine, self.id)
+            if code == 0:  # otherwise the database this worker would write to is not the one to write to
+                jobs.unregister_worker(self.engine, self.id)
             log.info("worker %s stopped", self.id)
+        return code
+
+    def _claim_and_run(self) -> bool:
+        """Re-queue the jobs of dead workers when due, then claim a job and run it. False: nothing to claim."""
+        if self._last_sweep is None or time.monotonic() - self._last_sweep >= self.settings.stale_after_s:
+            self._requeue_stale()
+            self._last_sweep = time.monotonic()
+        job = jobs.claim(self.engine, self.id, self.settings.kinds)
+        if job is None:
+            return False
+        self._run_one(job)
+        return True
+
+    def _stop(self, problem: str, code: int) -> int:
+        """Say once why this worker stops (its main loop and its heartbeat thread may both notice)."""
+        with self._stop_lock:
+            if self._stopped_on is not None:
+                return self._stopped_on
+            self._stopped_on = code
+        if code == EXIT_DB_REPLACED:
+            problem += "; restart the worker so it opens the database now at that path"
+        return stop_on_database_problem(problem, code, self.engine, self.workspace)
+
+    def _stop_if_fatal(self, error: OperationalError) -> int:
+        """The exit status for a database error that waiting will not fix (logged and recorded), else 0
+        when it may pass (a locked database, a database server restarting)."""
+        replaced = check_same_file(self.engine)
+        if replaced:
+            return self._stop(replaced, EXIT_DB_REPLACED)
+        if database_unwritable(error):
+            return self._stop(user_message(error), EXIT_DB_UNWRITABLE)
         return 0
 
     def _requeue_stale(self) -> None:
@@ -144,7 +205,7 @@ class Worker:
             log.info("job %s cancelled", job.id)
         except Exception as error:  # a failing job must not take the worker down
             jobs.fail(self.engine, job.id, describe_error(error), self.id)
-            log.error("job %s failed: %s: %s", job.id, type(error).__name__, error)
+            log.error("job %s failed: %s", job.id, user_message(error))
         else:
             if jobs.finish(self.engine, job.id, run_id, self.id):
                 log.info("job %s done (run %s)", job.id, run_id)
@@ -162,6 +223,14 @@ class Worker:
             if self._done.wait(wait):
                 return
             job_id = self._current
+            if job_id is not None:
+                replaced = check_same_file(self.engine)
+                if replaced:
+                    # The job's row is in the old file and everything the handler writes goes there too, where
+                    # no one looks: stop now, as if killed. Its cache writes are atomic and its finished shards
+                    # are kept, so a worker on the new file redoes it cheaply once it is queued there.
+                    self._stop(replaced, EXIT_DB_REPLACED)
+                    _exit_now(EXIT_DB_REPLACED)
             try:
                 if job_id is not None and self._deadline is not None and time.monotonic() >= self._deadline:
                     self._give_back(job_id)
@@ -170,7 +239,7 @@ class Worker:
                     log.warning("job %s was taken from this worker (heartbeat too late?)", job_id)
                 jobs.worker_heartbeat(self.engine, self.id, job_id)
             except OperationalError as error:
-                log.warning("heartbeat failed: %s", error)
+                log.warning("heartbeat failed: %s", user_message(error))
 
     def _give_back(self, job_id: int) -> None:
         """Grace period over: the job goes back to the queue now; the handler learns it at its next
@@ -181,8 +250,13 @@ class Worker:
         if not self._done.wait(max(2.0, self.settings.heartbeat_interval_s)):
             log.warning("the handler of job %s did not stop; exiting without it", job_id)
             jobs.unregister_worker(self.engine, self.id)
-            logging.shutdown()
-            os._exit(0)
+            _exit_now(0)
+
+
+def _exit_now(code: int) -> None:
+    """End the process from a background thread, without waiting for a handler that may never return."""
+    logging.shutdown()
+    os._exit(code)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,7 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
     workspace = Workspace.open(args.workspace)
     engine = make_engine(args.db_url or workspace.db_url)
-    init_db(engine)
+    try:
+        init_db(engine)
+    except OperationalError as error:
+        if not database_unwritable(error):
+            raise
+        return stop_on_database_problem(user_message(error), EXIT_DB_UNWRITABLE, engine, workspace)
     settings = WorkerSettings(
         poll_interval_s=args.poll_interval,
         heartbeat_interval_s=args.heartbeat_interval,
@@ -220,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kinds=[k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None,
         once=args.once,
     )
-    worker = Worker(engine, LocalExecutor(workspace, engine), settings, args.worker_id)
+    worker = Worker(engine, LocalExecutor(workspace, engine), settings, args.worker_id, workspace)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: worker.stop())
     try:

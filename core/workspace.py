@@ -1,11 +1,28 @@
 """The workspace folder: where the runs database, cached embeddings, thumbnails and heads live."""
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
-from dataclasses import dataclass
+import socket
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from core.files import atomic_write_text
+
 DEFAULT_ROOT = "workspace"
+WORKER_EXIT_FILE = "worker-exit.json"
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """Why the last worker on this workspace stopped on a problem, for the dashboard to show."""
+
+    message: str  # one line, core.errors.user_message style
+    pid: int
+    host: str
+    at: str  # ISO 8601, UTC
+    db: str  # the runs database it used (password hidden)
 
 
 @dataclass(frozen=True)
@@ -44,3 +61,35 @@ class Workspace:
     def db_url(self) -> str:
         """$ENSEMBLE_DB_URL (any SQLAlchemy URL, e.g. PostgreSQL shared by several workers), else SQLite here."""
         return os.environ.get("ENSEMBLE_DB_URL") or f"sqlite:///{self.root / 'runs.db'}"
+
+    @property
+    def worker_exit_file(self) -> Path:
+        return self.root / WORKER_EXIT_FILE
+
+    def record_worker_exit(self, message: str, *, db: str) -> bool:
+        """Keep why a worker stopped where the dashboard reads it (a worker's log may be anywhere). False
+        when the file cannot be written (a read-only or full workspace): the worker's log line remains."""
+        record = WorkerExit(message=message, pid=os.getpid(), host=socket.gethostname(),
+                            at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), db=db)
+        try:
+            atomic_write_text(self.worker_exit_file, json.dumps(asdict(record), indent=1))
+        except OSError:
+            return False
+        return True
+
+    def clear_worker_exit(self) -> None:
+        """A worker started fine: an older worker's problem is no longer news."""
+        try:
+            self.worker_exit_file.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def last_worker_exit(self) -> WorkerExit | None:
+        """The problem the last worker stopped on, or None (none recorded, or a file that is not ours)."""
+        try:
+            with open(self.worker_exit_file, "rb") as handle:
+                values = json.loads(handle.read(65536))
+            return WorkerExit(message=str(values["message"]), pid=int(values["pid"]), host=str(values["host"]),
+                              at=str(values["at"]), db=str(values["db"]))
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
