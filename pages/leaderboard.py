@@ -66,9 +66,11 @@ def methods_table(imageset, source: str, board: list[lb.Entry], best: lb.Entry |
     intervals = st.toggle("Paired 95 % interval and p-value of each gain (bootstrap over the queries; computed "
                           "once, slow on large eval sets)", key="lb:intervals")
     table = cached.board_rows(board, metric, intervals)
-    st.caption(f"'chosen on' says how each method's weights were picked: 'eval' = {ORACLE_LABEL} (as the reference "
-               "study did); heads are fitted on train and stopped on a validation part of it.")
-    picked = st.dataframe(pd.DataFrame(table, columns=lb.COLUMNS), hide_index=True, key="lb:table", on_select="rerun",
+    st.caption(f"'chosen on' says how each method's weights were picked. 'eval': {ORACLE_LABEL}, as the reference "
+               "study did; 'train': chosen on the train split; 'validation': a head fitted on train and stopped on a "
+               "validation part of it.")
+    columns = [c for c in lb.COLUMNS if intervals or c not in ("gain 95% CI", "p")]
+    picked = st.dataframe(pd.DataFrame(table, columns=columns), hide_index=True, key="lb:table", on_select="rerun",
                           selection_mode="single-row", column_config=COLUMNS)
     if picked and picked.selection.rows:
         row = table[picked.selection.rows[0]]
@@ -110,9 +112,8 @@ def per_class(imageset, board: list[lb.Entry], best: lb.Entry | None, k: int, me
 with widgets.guarded():
     imageset, source = widgets.require_imageset()
     protocol, k, metric, entries = choose_view(imageset)
-    st.caption(f"Dataset **{views.md(imageset.name)}** · {PROTOCOL_NAMES[protocol]}: "
-               f"{len(cached.eval_rows(imageset, protocol)):,} queries; each query searches every other eval image "
-               "(cosine; ties by index).")
+    st.caption(f"Dataset **{views.md(imageset.name)}** · eval split: {len(cached.eval_rows(imageset, protocol)):,} "
+               f"queries ({PROTOCOL_NAMES[protocol]}); each query searches every other eval image (cosine; ties by index).")
     if not entries:
         st.info("No results on this dataset yet. Evaluate the cached models (queued as a job), or prepare the "
                 "offline demo on the Start page.")
