@@ -63,6 +63,8 @@ class EmbeddingSet:
     dim: int
     dtype: str
     checksum: str = ""  # "sha256:<hex>" of the array bytes; empty in markers written before checksums
+    seconds_per_image: float | None = None  # the model's measured cost while extracting these (load excluded)
+    device: str | None = None  # where that was measured
 
     def load(self) -> np.ndarray:
         """Memory-mapped and read-only: pages load on demand and no caller can corrupt the cache.
@@ -203,8 +205,10 @@ class EmbeddingCache:
         with _verified_lock:
             _verified.pop(str(data_path), None)
 
-    def put_shard(self, dataset_fingerprint: str, model_cache_key: str, start: int, array) -> None:
-        """Commit rows start..start+len(array)-1 of a set under extraction (data, then its marker)."""
+    def put_shard(self, dataset_fingerprint: str, model_cache_key: str, start: int, array, *,
+                  seconds: float | None = None, device: str | None = None) -> None:
+        """Commit rows start..start+len(array)-1 of a set under extraction (data, then its marker), with
+        the `seconds` the model spent on them on `device`, so the set can say what an image costs."""
         array = _as_store_array(array)
         checksum, bad_rows, first_bad = _scan(array)
         stop = start + len(array)
@@ -213,7 +217,8 @@ class EmbeddingCache:
         stem = self._parts(dataset_fingerprint, model_cache_key) / f"{start:010d}-{stop:010d}"
         atomic_write(stem.with_suffix(".npy"), _save(array))
         meta = {"dataset_fingerprint": dataset_fingerprint, "cache_key": model_cache_key, "start": start,
-                "stop": stop, "shape": list(array.shape), "dtype": array.dtype.name, "checksum": checksum}
+                "stop": stop, "shape": list(array.shape), "dtype": array.dtype.name, "checksum": checksum,
+                "seconds": seconds, "device": device}
         atomic_write_text(stem.with_suffix(".json"), json.dumps(meta, indent=1))
 
     def shards(self, dataset_fingerprint: str, model_cache_key: str) -> list[tuple[int, int]]:
@@ -271,8 +276,12 @@ class EmbeddingCache:
         data_path, marker = self._paths(dataset_fingerprint, model_cache_key)
         marker.unlink(missing_ok=True)
         atomic_write(data_path, write)
+        seconds = [meta.get("seconds") for meta in metas]
+        devices = {meta.get("device") for meta in metas}
+        cost = sum(seconds) / n if n and None not in seconds else None
         result = EmbeddingSet(model_name, dataset_fingerprint, model_cache_key, str(data_path), n, dim,
-                              np.dtype(STORE_DTYPE).name, f"sha256:{digest.hexdigest()}")
+                              np.dtype(STORE_DTYPE).name, f"sha256:{digest.hexdigest()}", cost,
+                              devices.pop() if len(devices) == 1 else None)
         self._commit(result, marker)
         return result
 

@@ -228,17 +228,46 @@ class SweepConfig(JobConfig):
 
 @dataclass(frozen=True)
 class SelectWeightsConfig(JobConfig):
-    """Concat weights chosen on the train split by the same exact sweep, then scored once on eval: the
-    honest counterpart of the sweep's oracle."""
+    """Concat weights chosen on the train split with the same exact scorer, then scored once on eval: the
+    honest counterpart of the sweep's oracle. search="grid" tries every vector of the grid; "greedy"
+    (for many models, where the grid is out of reach) adds one unit of weight at a time to the best
+    model (Caruana et al. 2004) and then refines by coordinate search."""
 
     kind: ClassVar[str] = "select_weights"
     k: int = DEFAULT_K
-    weights: tuple[float, ...] = DEFAULT_GRID
+    search: str = "grid"
+    weights: tuple[float, ...] = DEFAULT_GRID  # grid only
+    max_steps: int = 30  # greedy only
+    patience: int = 5  # greedy only: steps without a better train map@k before stopping
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        set_ = object.__setattr__
+        set_(self, "k", check_k(self.k))
+        if self.search not in ("grid", "greedy"):
+            raise ConfigError(f"search must be 'grid' or 'greedy', got {self.search!r}")
+        if self.search == "grid":
+            set_(self, "weights", check_grid(self.weights, len(self.models)))
+        for name, upper in (("max_steps", 1000), ("patience", 1000)):
+            value = _integer(name, getattr(self, name))
+            if not 1 <= value <= upper:
+                raise ConfigError(f"{name} must be between 1 and {upper}, got {value}")
+            set_(self, name, value)
+
+
+@dataclass(frozen=True)
+class ComplementarityConfig(JobConfig):
+    """How differently the models retrieve, per pair, on the eval split: neighbour overlap, linear CKA,
+    correlation of per-query AP and the per-query oracle (core.complementarity)."""
+
+    kind: ClassVar[str] = "complementarity"
+    k: int = DEFAULT_K
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.models) < 2:
+            raise ConfigError("complementarity compares models: choose at least two")
         object.__setattr__(self, "k", check_k(self.k))
-        object.__setattr__(self, "weights", check_grid(self.weights, len(self.models)))
 
 
 @dataclass(frozen=True)

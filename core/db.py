@@ -86,6 +86,9 @@ class EmbeddingSetRow(Base):
     n: Mapped[int] = mapped_column(Integer)
     dim: Mapped[int] = mapped_column(Integer)
     dtype: Mapped[str] = mapped_column(String(32))
+    # What one image cost to embed, measured while extracting (model load excluded), and where.
+    seconds_per_image: Mapped[float | None] = mapped_column(Float, nullable=True)
+    device: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
     dataset: Mapped[Dataset] = relationship(back_populates="embedding_sets")
@@ -111,6 +114,7 @@ class Run(Base):
     job_id: Mapped[int | None] = mapped_column(
         ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True, index=True
     )
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # a run's findings that are no method
 
     dataset: Mapped[Dataset | None] = relationship()
     results: Mapped[list["Result"]] = relationship(
@@ -285,22 +289,29 @@ def init_db(engine: Engine) -> None:
         if engine.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(7207)"))  # any fixed key of ours
         Base.metadata.create_all(connection)
-        _add_method_columns(connection)
+        _add_missing_columns(connection)
 
 
-# Columns added to `results` after the first release; a DB made before them gets them filled in.
-_METHOD_COLUMNS = {"kind": "VARCHAR(16)", "models": "JSON", "head_path": "TEXT", "options": "JSON",
-                   "selected_on": "VARCHAR(16)"}
+# Columns added after the first release; a DB made before them gets them (and, for the method
+# columns, values read back from its rows).
+_ADDED_COLUMNS = {
+    "results": {"kind": "VARCHAR(16)", "models": "JSON", "head_path": "TEXT", "options": "JSON",
+                "selected_on": "VARCHAR(16)"},
+    "runs": {"summary": "JSON"},
+    "embedding_sets": {"seconds_per_image": "FLOAT", "device": "VARCHAR(64)"},
+}
 
 
-def _add_method_columns(connection) -> None:
-    present = {c["name"] for c in inspect(connection).get_columns("results")}
-    missing = [name for name in _METHOD_COLUMNS if name not in present]
-    if not missing:
-        return
-    for name in missing:
-        connection.execute(text(f"ALTER TABLE results ADD COLUMN {name} {_METHOD_COLUMNS[name]}"))
-    if "kind" not in missing:  # the method was already stored as data
+def _add_missing_columns(connection) -> None:
+    inspector = inspect(connection)
+    added = set()
+    for table, columns in _ADDED_COLUMNS.items():
+        present = {c["name"] for c in inspector.get_columns(table)}
+        for name, sql_type in columns.items():
+            if name not in present:
+                connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}"))
+                added.add((table, name))
+    if ("results", "kind") not in added:  # the method was already stored as data
         return
     rows = connection.execute(text(
         "SELECT results.id, results.method, results.weights, results.is_oracle, results.extra, runs.kind "
@@ -395,8 +406,11 @@ def record_embedding_set(
     n: int,
     dim: int,
     dtype: str,
+    seconds_per_image: float | None = None,
+    device: str | None = None,
 ) -> EmbeddingSetRow:
-    """This dataset's embeddings by the model with `cache_key`, created or refreshed."""
+    """This dataset's embeddings by the model with `cache_key`, created or refreshed (a cache hit keeps
+    the cost measured when the embeddings were made)."""
     row = session.scalar(
         select(EmbeddingSetRow).where(EmbeddingSetRow.dataset_id == dataset_id, EmbeddingSetRow.cache_key == cache_key)
     )
@@ -405,6 +419,8 @@ def record_embedding_set(
         session.add(row)
     row.dataset_id, row.model_name, row.path = dataset_id, model_name, path
     row.n, row.dim, row.dtype = n, dim, dtype
+    if seconds_per_image is not None:
+        row.seconds_per_image, row.device = seconds_per_image, device
     session.flush()
     return row
 
@@ -498,11 +514,14 @@ def add_results(session: Session, run_id: int, results: list[dict[str, Any]]) ->
     return rows
 
 
-def finish_run(session: Session, run_id: int, results: list[dict[str, Any]] | None = None) -> Run:
-    """Store the run's results and mark it done."""
+def finish_run(session: Session, run_id: int, results: list[dict[str, Any]] | None = None,
+               summary: dict[str, Any] | None = None) -> Run:
+    """Store the run's results (and its summary, for findings that are no method) and mark it done."""
     run = session.get_one(Run, run_id)
     if results:
         add_results(session, run_id, results)
+    if summary is not None:
+        run.summary = _json_safe(summary)
     _close_run(run, "done")
     session.flush()
     return run

@@ -107,6 +107,51 @@ def board(entries: Sequence[Entry], k: int, metric: str = "map@k") -> list[Entry
     return sorted(chosen.values(), key=lambda e: -_finite(e.score(metric)))
 
 
+@dataclass(frozen=True)
+class Cost:
+    """What a method costs per image: the sum over its models of the measured extraction time (on the
+    device it ran on) and of the embedding dimensions."""
+
+    seconds_per_image: float | None  # None when a model's time was never measured
+    dims: int
+
+
+def model_costs(engine: Engine, fingerprint: str) -> dict[str, tuple[float | None, int]]:
+    """(seconds per image, dims) of every model extracted on this dataset."""
+    with db.read_session(engine) as session:
+        return {row.model_name: (row.seconds_per_image, row.dim)
+                for row in db.embedding_sets_for_dataset(session, fingerprint)}
+
+
+def method_cost(entry: Entry, costs: dict[str, tuple[float | None, int]]) -> Cost | None:
+    """None when a model of the method has no measured dims (its embeddings are not in this workspace)."""
+    parts = [costs.get(m) for m in entry.method.used_models]
+    if any(p is None for p in parts):
+        return None
+    seconds = None if any(p[0] is None for p in parts) else float(sum(p[0] for p in parts))
+    return Cost(seconds, int(sum(p[1] for p in parts)))
+
+
+def pareto_front(entries: Sequence[Entry], costs: dict[str, tuple[float | None, int]], metric: str = "map@k",
+                 by: str = "seconds_per_image") -> list[Entry]:
+    """The entries no other entry beats on both `metric` (higher) and cost `by` (lower), cheapest first."""
+    priced = [(getattr(method_cost(e, costs), by, None), e) for e in entries]
+    priced = [(c, e) for c, e in priced if c is not None and e.score(metric) == e.score(metric)]
+    front, best = [], -math.inf
+    for cost, e in sorted(priced, key=lambda ce: (ce[0], -ce[1].score(metric))):
+        if e.score(metric) > best:
+            front.append(e)
+            best = e.score(metric)
+    return front
+
+
+def best_under_budget(entries: Sequence[Entry], costs: dict[str, tuple[float | None, int]], budget: float,
+                      metric: str = "map@k", by: str = "seconds_per_image") -> Entry | None:
+    """The best entry whose cost `by` is within `budget` (seconds per image, or total dims)."""
+    within = [e for e in entries if (c := getattr(method_cost(e, costs), by, None)) is not None and c <= budget]
+    return _best(within, metric) if within else None
+
+
 def best_single(entries: Sequence[Entry], metric: str = "map@k") -> Entry | None:
     singles = [e for e in entries if e.kind == "single"]
     return _best(singles, metric) if singles else None

@@ -15,8 +15,8 @@ from sqlalchemy import Engine
 
 from core import db
 from core.cache import EmbeddingCache, EmbeddingSet
-from core.configs import (EvaluateConfig, ExtractConfig, FuseConfig, SelectWeightsConfig, Settings, SweepConfig,
-                          TrainHeadConfig)
+from core.configs import (ComplementarityConfig, EvaluateConfig, ExtractConfig, FuseConfig, SelectWeightsConfig,
+                          Settings, SweepConfig, TrainHeadConfig)
 from core.datasets import PROTOCOL_SPLIT, ImageSet, open_dataset
 from core.extract import extract_embeddings
 from core.heads import checkpoint_key, clear_checkpoint, head_label, train_fusion_head
@@ -25,6 +25,8 @@ from core.methods import Method
 from core.metrics import (METRIC_KEYS, QueryScores, depth_needed, per_query_scores, query_scores_from_ranking,
                           relevant_counts)
 from core.scores import save_query_scores
+from core.complementarity import complementarity
+from core.ensemble_search import select_weights as search_weights
 from core.selection import weights_chosen_on_train
 from core.progress import JobCancelled, Reporter
 from core.sweep import grid_sweep, random_sweep
@@ -161,6 +163,7 @@ def extract(config: ExtractConfig, reporter: Reporter, workspace: Workspace, eng
             db.record_embedding_set(
                 session, dataset_id=dataset.id, model_name=es.model_name, cache_key=es.cache_key,
                 path=str(es.path), n=es.n, dim=es.dim, dtype=es.dtype,
+                seconds_per_image=es.seconds_per_image, device=es.device,
             )
     return _finish(engine, workspace, run_id, [])
 
@@ -212,24 +215,47 @@ def sweep(config: SweepConfig, reporter: Reporter, workspace: Workspace, engine:
 
 @job_kind(SelectWeightsConfig)
 def select_weights(config: SelectWeightsConfig, reporter: Reporter, workspace: Workspace, engine: Engine) -> int:
-    """Concat weights chosen by the exact sweep on the train split alone, then scored once on eval."""
+    """Concat weights chosen by the exact scorer on the train rows alone (grid, or greedy + refinement
+    whose path is kept for a plot), then scored once on eval."""
     models = list(config.models)
-    imageset, run_id = _start("select_weights", f"weights chosen on train over {len(models)} models, k={config.k}",
-                              config, workspace, engine)
+    imageset, run_id = _start("select_weights", f"weights chosen on train ({config.search}) over {len(models)} "
+                              f"models, k={config.k}", config, workspace, engine)
     train_rows, eval_rows, split = _rows(imageset, config)
     if len(train_rows) < 2:
         raise ValueError(f"dataset {imageset.name!r} has no train split to choose weights on (give the manifest a "
                          "split column or train/ and eval/ folders)")
     imageset.check_disjoint(train_rows, eval_rows)
     arrays = [es.load() for es in _embeddings(imageset, config, workspace, reporter)]
-    chosen = weights_chosen_on_train(arrays, imageset.labels, train_rows, eval_rows, config.weights, config.k,
-                                     reporter=reporter)
+    extra = {}
+    if config.search == "greedy":
+        greedy, refined = search_weights([a[train_rows] for a in arrays], imageset.labels[train_rows], config.k,
+                                         max_steps=config.max_steps, patience=config.patience, reporter=reporter)
+        chosen = {**refined.metrics, "weights": refined.weights}
+        extra["path"] = {"greedy": greedy.path, "refined": refined.path}
+    else:
+        chosen = weights_chosen_on_train(arrays, imageset.labels, train_rows, eval_rows, config.weights, config.k,
+                                         reporter=reporter)
     method = Method.concat(models, chosen["weights"])
     scores = per_query_scores(method.embeddings(dict(zip(models, arrays)), eval_rows), imageset.labels[eval_rows],
                               config.k)
-    train_metrics = {key: chosen[key] for key in METRIC_KEYS}
-    return _finish(engine, workspace, run_id, [_scored(method, scores, "train", split, train_metrics=train_metrics,
-                                                      vector=[float(w) for w in chosen["weights"]])])
+    extra.update(train_metrics={key: chosen[key] for key in METRIC_KEYS}, vector=[float(w) for w in chosen["weights"]])
+    return _finish(engine, workspace, run_id, [_scored(method, scores, "train", split, **extra)])
+
+
+@job_kind(ComplementarityConfig)
+def model_complementarity(config: ComplementarityConfig, reporter: Reporter, workspace: Workspace,
+                          engine: Engine) -> int:
+    """Pairwise complementarity of the models on the eval rows, kept as the run's summary."""
+    models = list(config.models)
+    imageset, run_id = _start("complementarity", f"complementarity of {len(models)} models, k={config.k}", config,
+                              workspace, engine)
+    _, rows, split = _rows(imageset, config)
+    arrays = [es.load()[rows] for es in _embeddings(imageset, config, workspace, reporter)]
+    reporter.progress(0.5, "comparing the models' neighbours")
+    summary = {"split": split, **complementarity(arrays, imageset.labels[rows], config.k, names=models)}
+    with db.begin_immediate(engine) as session:
+        db.finish_run(session, run_id, summary=summary)
+    return run_id
 
 
 @job_kind(FuseConfig)

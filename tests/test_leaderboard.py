@@ -160,3 +160,16 @@ def test_sweep_rows_mark_ratio_equivalent_weights(engine):
 def test_markdown_export():
     text = lb.to_markdown([{"method": "a|b", "map@k": 0.5}, {"method": "c", "map@k": float("nan")}])
     assert text.splitlines() == ["| method | map@k |", "|---|---|", "| a\\|b | 0.5000 |", "| c |  |"]
+
+
+def test_pareto_front_and_best_under_a_budget(engine):
+    entries = lb.board(lb.entries_for_dataset(engine, "fp"), 10)  # head .62, w(2,1) .60, A .50, B .40
+    costs = {A: (0.02, 1280), B: (0.01, 1024)}
+    front = lb.pareto_front(entries, costs)
+    # B is cheapest; A beats it for more; the concat and the head (both A+B: 0.03 s) — only the better one stays
+    assert [e.label for e in front] == [B, A, "mlp head"]
+    assert lb.method_cost(front[-1], costs) == lb.Cost(pytest.approx(0.03), 2304)
+    assert lb.best_under_budget(entries, costs, 0.02).label == A
+    assert lb.best_under_budget(entries, costs, 0.005) is None
+    assert lb.best_under_budget(entries, {A: (None, 1280), B: (0.01, 1024)}, 0.05).label == B  # unmeasured A
+    assert lb.best_under_budget(entries, costs, 2304, by="dims").label == "mlp head"

@@ -190,3 +190,22 @@ def test_every_fusion_method_is_a_job_scored_from_its_ranking(engine, tmp_path, 
     for key in ("map@k", "map@k_hits", "map@r", "p@1"):
         assert result.metrics[key] == pytest.approx(want[key], abs=1e-9), key
     assert [e.kind for e in entries_for_dataset(eng, imageset.fingerprint)] == [kind]
+
+
+def test_greedy_selection_job_keeps_its_path_and_complementarity_job_its_summary(engine, tmp_path):
+    from core.configs import ComplementarityConfig, SelectWeightsConfig
+
+    workspace, eng = engine
+    common = {"dataset": str(split_folder(tmp_path / "images", 8, 6)), "models": MODELS, "k": 3, "device": "cpu"}
+    run_id = run_job("select_weights", SelectWeightsConfig(**common, search="greedy", max_steps=4).to_dict(), SILENT,
+                     workspace, eng)
+    with db.read_session(eng) as session:
+        (result,) = db.get_run(session, run_id).results
+    path = result.extra["path"]
+    assert result.selected_on == "train" and 1 <= len(path["greedy"]) <= 4 and path["refined"]
+    assert max(step["map@k"] for step in path["greedy"]) <= result.extra["train_metrics"]["map@k"] + 1e-12
+    run_id = run_job("complementarity", ComplementarityConfig(**common).to_dict(), SILENT, workspace, eng)
+    with db.read_session(eng) as session:
+        summary = db.get_run(session, run_id).summary
+    assert summary["models"] == MODELS and summary["split"] == "eval"
+    assert len(summary["cka"]) == 2 and summary["cka"][0][0] == pytest.approx(1.0)
