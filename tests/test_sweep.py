@@ -8,7 +8,7 @@ from core.fusion import weighted_concat
 from core.metrics import MetricsError, evaluate
 from core.progress import JobCancelled, Reporter
 from core.methods import concat_label
-from core.sweep import WeightedConcatScorer, grid_sweep, random_sweep
+from core.sweep import PathCosts, WeightedConcatScorer, grid_sweep, random_sweep
 from core.vectors import ratio_class
 from tests.reference import quantised_embeddings, reference_sweep_metrics
 
@@ -121,3 +121,103 @@ def test_every_subset_is_covered_by_zero_weights():
     rows = grid_sweep(embeddings, labels, weights=(0, 1), k=5)
     subsets = {tuple(w != 0 for w in r["weights"]) for r in rows}
     assert subsets == {s for s in itertools.product([False, True], repeat=3) if any(s)}
+
+
+def disagreeing_models(rng, n=240, classes=6, dims=(8, 12, 16)):
+    """Models with independent class centroids and noise: their neighbour lists overlap little, so the
+    candidate bound certifies some (query, weights) pairs and not others."""
+    labels = rng.integers(0, classes, size=n)
+    out = []
+    for d in dims:
+        centres = rng.normal(size=(classes, d))
+        out.append((centres[labels] + rng.normal(scale=1.5, size=(n, d))).astype(np.float32))
+    return out, labels
+
+
+class Alternating(PathCosts):
+    """Candidates on even query blocks, dense on odd ones, whatever the timings say."""
+
+    def choose(self, pairs, rows):
+        self.calls = getattr(self, "calls", -1) + 1
+        return ("candidates", "dense")[self.calls % 2]
+
+
+def assert_like_reference(got, embeddings, labels, weights, k, abs_tol=1e-6):
+    for w, row in zip(weights, got):
+        want = reference_sweep_metrics(embeddings, labels, w, k)
+        for key in KEYS:
+            assert row[key] == pytest.approx(want[key], abs=abs_tol), (tuple(w), key)
+
+
+WEIGHTS_3 = np.array([[1, 0, 0], [0, 0, 2], [1, 1, 1], [1, 3, 5], [5, 2, 1], [2, 5, 3]])
+
+
+@pytest.mark.parametrize("path", ["candidates", "dense", "mixed", "auto"])
+def test_every_path_is_exact_on_disagreeing_models(path):
+    rng = np.random.default_rng(21)
+    embeddings, labels = disagreeing_models(rng)
+    scorer = WeightedConcatScorer(embeddings, labels, k=10, path="auto" if path == "mixed" else path,
+                                  extra=4, block_rows=50)
+    if path == "mixed":
+        scorer.costs = Alternating(gallery=scorer.n, width=scorer.costs.width)
+    got = scorer.score(WEIGHTS_3)
+    assert_like_reference(got, embeddings, labels, WEIGHTS_3, 10)
+    pairs = len(WEIGHTS_3) * len(labels)
+    assert 0 < scorer.n_uncertified < pairs  # both certified pairs and full-gallery fallbacks ran
+    expected_blocks = {"candidates": {"candidates": 5, "dense": 0}, "dense": {"candidates": 0, "dense": 5},
+                       "mixed": {"candidates": 3, "dense": 2}}
+    if path in expected_blocks:
+        assert scorer.blocks == expected_blocks[path]
+
+
+@pytest.mark.parametrize("path", ["candidates", "dense", "mixed"])
+@pytest.mark.parametrize("k", [3, 60])
+def test_every_path_ranks_ties_by_index(path, k):
+    """Quantised vectors: every weighted cosine is a multiple of 1/4, so topk meets real ties inside its
+    top and across its cut, duplicated rows included; k=60 reaches past the 39 others."""
+    rng = np.random.default_rng(5)
+    embeddings = [quantised_embeddings(rng, 40, d=8, duplicates=4) for _ in range(3)]
+    labels = rng.integers(0, 4, size=40)
+    labels[7] = 99  # a singleton class: excluded, never scored
+    weights = np.array([[1, 0, 0], [1, 1, 1], [2, 1, 0], [1, 2, 2], [0, 1, 1]])
+    scorer = WeightedConcatScorer(embeddings, labels, k=k, path="auto" if path == "mixed" else path,
+                                  extra=0, block_rows=7)
+    if path == "mixed":
+        scorer.costs = Alternating(gallery=scorer.n, width=scorer.costs.width)
+    got = scorer.score(weights)
+    assert {row["n_excluded"] for row in got} == {1}
+    assert_like_reference(got, embeddings, labels, weights, k, abs_tol=1e-9)
+
+
+def test_the_cheaper_path_is_chosen_from_measured_costs():
+    """Hand-computed: a block of 100 queries and 1,000 pairs; a candidate pair costs 1, a full-gallery
+    pair 10, a query's similarity rows 20 (per pair: candidates 1 + u * 10, dense 10)."""
+    costs = PathCosts(gallery=1000, width=100)
+    assert costs.choose(1000, 100) == "candidates"  # nothing measured yet
+    costs.add("candidate", 1000.0, 1000)
+    costs.add("fallback", 1000.0, 100)
+    costs.add("similarity", 2000.0, 100)
+    costs.observe(100, 1000, 50, 100)  # u = 0.1, half the queries hit
+    # candidates 1000 * (1 + 0.1 * 10) + 2000 * 0.5 = 3000; dense 1000 * 10 + 2000 = 12000
+    assert costs.choose(1000, 100) == "candidates"
+    costs.observe(1000, 1000, 100, 100)  # this block: all uncertified; running u = (0.1 + 1) / 2 = 0.55
+    # candidates 1000 * (1 + 5.5) + 2000 * 0.75 = 8000 < 12000
+    assert costs.choose(1000, 100) == "candidates"
+    costs.observe(1000, 1000, 100, 100)  # u = 0.775: 1000 * 8.75 + 2000 * 0.875 = 10500 < 12000
+    assert costs.choose(1000, 100) == "candidates"
+    costs.observe(1000, 1000, 100, 100)  # u = 0.8875: 1000 * 9.875 + 2000 * 0.9375 = 11750 < 12000
+    assert costs.choose(1000, 100) == "candidates"
+    costs.observe(1000, 1000, 100, 100)  # u = 0.94375: 1000 * 10.4375 + 2000 * 0.96875 = 12375 > 12000
+    assert costs.choose(1000, 100) == "dense"
+    costs.add("dense", 1000.0, 1000)  # dense measured at 1 per pair: now far cheaper than a fallback pair
+    assert costs.choose(1000, 100) == "dense"
+    costs.observe(0, 1000, 0, 100)  # an agreeing block: u = 0.471875; 1000 * 5.71875 + 2000 * 0.484375 = 6687.5
+    # against dense 1000 + 2000 = 3000: still dense, because dense pairs cost what candidate pairs do
+    assert costs.choose(1000, 100) == "dense"
+
+
+def test_unknown_path_is_a_clear_error():
+    rng = np.random.default_rng(3)
+    embeddings, labels = correlated_models(rng, n=30)
+    with pytest.raises(MetricsError, match="unknown sweep path 'fast'"):
+        WeightedConcatScorer(embeddings, labels, k=5, path="fast")
