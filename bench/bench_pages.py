@@ -81,6 +81,7 @@ def machine() -> dict:
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     return {"device": f"CPU: {cpu}", "cpus": os.cpu_count(), "threads": {k: os.environ.get(k) for k in
                                                                         ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
+            "load_average_1min": round(os.getloadavg()[0], 2),  # a shared machine: how busy it was
             "python": platform.python_version(), "streamlit": streamlit.__version__, "platform": platform.platform()}
 
 
