@@ -4,10 +4,11 @@
    embeddings (scorer build included). Target: 10 models x 5,000 items in <= 60 s on the 2-core CPU.
 2. Four models: the full grid 0..5 (grid_sweep) against greedy + refinement on the same data, both
    scored by WeightedConcatScorer. Target: the selected map@k within 0.002 of the grid's best.
-   With --npy (one .npy file per model, e.g. a demo workspace's cached embeddings) and --labels
-   (a .npy of labels), the same comparison also runs on those real embeddings.
+   With --workspace, the same comparison also runs on the train split of the offline demo (--dataset)
+   under --demo-models (default: four packaged models; extracted first if the workspace has not cached them).
 
     python bench/bench_selection.py --json-out bench/results/selection_cpu.json
+    python bench/bench_selection.py --workspace workspace --json-out bench/results/selection_cpu.json
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -26,11 +28,12 @@ from core.ensemble_search import select_weights
 from core.files import atomic_write_text
 from core.sweep import grid_sweep
 
+DEMO_MODELS = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "open_nsfw_resnet50_thin"]
 DIMS = (2048, 2560, 1536, 1024, 768, 1280, 512, 1024, 2048, 384, 1536, 640)
 
 
 def synthetic_models(n: int, classes: int, models: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
-    """`models` views of the same images (as bench_sweep.py): a shared class + per-image latent seen
+    """`models` views of the same images: a shared class + per-image latent seen
     through each model's own random projection, with model-specific error growing with its index, so
     models differ in quality and in what they get wrong."""
     rng = np.random.default_rng(seed)
@@ -53,8 +56,10 @@ def _selection(embeddings, labels, args) -> dict:
                                      rounds=args.rounds, device=args.device)
     return {
         "seconds": round(time.perf_counter() - t0, 2),
-        "greedy": {"weights": greedy.weights, "map@k": greedy.map_at_k, "steps": len(greedy.path)},
-        "refined": {"weights": refined.weights, "map@k": refined.map_at_k, "rounds": len(refined.path) - 1},
+        "greedy": {"weights": greedy.weights, "map@k": greedy.map_at_k, "steps": len(greedy.path),
+                   "vectors_scored": greedy.n_scored},
+        "refined": {"weights": refined.weights, "map@k": refined.map_at_k, "rounds": len(refined.path) - 1,
+                    "vectors_scored": refined.n_scored},
         "greedy_path": greedy.path,
         "refine_path": refined.path,
     }
@@ -73,8 +78,24 @@ def _against_grid(embeddings, labels, args) -> dict:
                  "map@k": rows[0]["map@k"]},
         "selection": selected,
         "grid_minus_selected": rows[0]["map@k"] - selected["refined"]["map@k"],
+        "grid_seconds_over_selection_seconds": round(grid_s / selected["seconds"], 1),
         "target_gap": 0.002,
     }
+
+
+def _demo_train_split(root: str, dataset: str, models: list[str]) -> tuple[list[np.ndarray], np.ndarray, str]:
+    """The demo's train rows under each model (where selection runs: weights are chosen on train)."""
+    from core.cache import EmbeddingCache
+    from core.datasets import open_dataset
+    from core.extract import extract_embeddings
+    from core.workspace import Workspace
+
+    workspace = Workspace.open(root)
+    imageset = open_dataset(dataset, workspace)
+    sets = extract_embeddings(imageset, models, EmbeddingCache(workspace.embeddings))
+    rows = imageset.split("train")
+    embeddings = [np.asarray(sets[m].load(), dtype=np.float32)[rows] for m in models]
+    return embeddings, np.asarray(imageset.labels)[rows], f"{dataset} {imageset.fingerprint[:12]}, train split"
 
 
 def main(argv=None) -> dict:
@@ -87,16 +108,16 @@ def main(argv=None) -> dict:
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default=None)
-    p.add_argument("--npy", nargs="*", default=[], help="one embedding .npy per model (real embeddings)")
-    p.add_argument("--labels", default=None, help="labels .npy for --npy")
+    p.add_argument("--workspace", default=None, help="also compare on a demo's train split in this workspace")
+    p.add_argument("--dataset", default="demo", help="the demo to open there: demo or demo-small")
+    p.add_argument("--demo-models", nargs="+", default=DEMO_MODELS, help="models for --workspace")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
-    if args.npy and not args.labels:
-        p.error("--npy needs --labels (a .npy of one label per row)")
 
     embeddings, labels = synthetic_models(args.n, args.classes, args.models)
     result = {
         "benchmark": "selection",
+        "command": " ".join(["python", "bench/bench_selection.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start",
         "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
@@ -107,10 +128,10 @@ def main(argv=None) -> dict:
                         **_selection(embeddings, labels, args), "target_seconds": 60},
         "four_models_synthetic": _against_grid(embeddings[:4], labels, args),
     }
-    if args.npy:
-        real = [np.load(f, allow_pickle=False) for f in args.npy]
-        result["real_embeddings"] = {"files": args.npy,
-                                     **_against_grid(real, np.load(args.labels, allow_pickle=False), args)}
+    if args.workspace:
+        embeddings, labels, source = _demo_train_split(args.workspace, args.dataset, args.demo_models)
+        result["demo_train_split"] = {"source": source, "model_names": args.demo_models,
+                                      **_against_grid(embeddings, labels, args)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.json_out:

@@ -11,7 +11,7 @@ the same units as the grid sweep, so the results compare directly with `grid_swe
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -28,13 +28,14 @@ REFINE_FACTORS = (2.0, 1.5, 1.25, 1.1)
 
 @dataclass(frozen=True)
 class SelectionResult:
-    """The best weight vector seen, its metrics, and the path that led there (one row per step:
-    "step", "weights", "map@k"), for a plot of map@k per step."""
+    """The best weight vector seen, its metrics, the path that led there (one row per step: "step",
+    "weights", "map@k"; for a plot of map@k per step) and how many ratio classes were scored to get it."""
 
     weights: tuple[float, ...]
     map_at_k: float
     metrics: dict
-    path: list[dict] = field(default_factory=list)
+    path: list[dict]
+    n_scored: int
 
 
 class _CachedScores:
@@ -45,6 +46,10 @@ class _CachedScores:
         self.scorer = scorer
         self.n_models = n_models
         self._known: dict[tuple, dict] = {}
+
+    @property
+    def n_scored(self) -> int:
+        return len(self._known)
 
     def __call__(self, vectors: Sequence[Sequence[float]], reporter: Reporter = SILENT) -> list[dict]:
         """Metrics of each vector; `reporter` is only asked whether to stop (between scoring blocks)."""
@@ -65,8 +70,8 @@ def _better(a: dict, b: dict) -> bool:
 
 
 def _plain(weights) -> tuple[float, ...]:
-    """Integral weights as ints, the rest rounded: what a user reads and a job stores as JSON."""
-    return tuple(int(w) if float(w).is_integer() else round(float(w), 6) for w in weights)
+    """Plain Python numbers, integral ones as ints: what a user reads and a job stores as JSON."""
+    return tuple(int(w) if float(w).is_integer() else float(w) for w in weights)
 
 
 def _scorer(embeddings, labels, k, device) -> _CachedScores:
@@ -113,7 +118,7 @@ def _part(reporter: Reporter, start: float, end: float) -> Reporter:
 def _greedy(scores: _CachedScores, max_steps: int, patience: int, reporter: Reporter) -> SelectionResult:
     if max_steps < 1 or patience < 1:
         raise MetricsError(f"max_steps and patience must be at least 1, got {max_steps} and {patience}")
-    m = scores.n_models
+    m, scored_before = scores.n_models, scores.n_scored
     counts = np.zeros(m, dtype=np.int64)
     path: list[dict] = []
     best: tuple[np.ndarray, dict] | None = None
@@ -128,7 +133,7 @@ def _greedy(scores: _CachedScores, max_steps: int, patience: int, reporter: Repo
                 pick = i
         counts = candidates[pick]
         path.append({"step": step, "weights": _plain(counts), "map@k": rows[pick]["map@k"]})
-        reporter.metrics(step=step, **{"map@k": rows[pick]["map@k"]})
+        reporter.metrics(stage="greedy", step=step, **{"map@k": rows[pick]["map@k"]})
         reporter.progress(step / max_steps, f"greedy step {step}: map@k {rows[pick]['map@k']:.4f}")
         if best is None or _better(rows[pick], best[1]):
             best, stale = (counts, rows[pick]), 0
@@ -136,7 +141,8 @@ def _greedy(scores: _CachedScores, max_steps: int, patience: int, reporter: Repo
             stale += 1
             if stale >= patience:
                 break
-    return SelectionResult(_plain(best[0]), best[1]["map@k"], best[1], path)
+    reporter.progress(1.0, f"greedy selection: best map@k {best[1]['map@k']:.4f} after {len(path)} steps")
+    return SelectionResult(_plain(best[0]), best[1]["map@k"], best[1], path, scores.n_scored - scored_before)
 
 
 def _moves(weights: np.ndarray, factor: float) -> list[np.ndarray]:
@@ -156,11 +162,13 @@ def _moves(weights: np.ndarray, factor: float) -> list[np.ndarray]:
 
 def _refine(scores: _CachedScores, weights: Sequence[float], rounds: int, reporter: Reporter) -> SelectionResult:
     current = np.asarray(weights, dtype=np.float64)
-    if current.shape != (scores.n_models,) or (current < 0).any() or not current.any():
+    usable = current.shape == (scores.n_models,) and np.isfinite(current).all() and (current >= 0).all()
+    if not (usable and current.any()):
         raise MetricsError(f"start weights must be {scores.n_models} non-negative numbers, not all zero; "
                            f"got {list(weights)}")
     if rounds < 0:
         raise MetricsError(f"rounds must be at least 0, got {rounds}")
+    scored_before = scores.n_scored
     (now,) = scores([current])
     path = [{"step": 0, "weights": _plain(current), "map@k": now["map@k"]}]
     factors = iter(REFINE_FACTORS)
@@ -180,6 +188,7 @@ def _refine(scores: _CachedScores, weights: Sequence[float], rounds: int, report
         else:
             current, now = candidates[pick], rows[pick]
         path.append({"step": round_, "weights": _plain(current), "map@k": now["map@k"]})
-        reporter.metrics(step=round_, **{"map@k": now["map@k"]})
+        reporter.metrics(stage="refine", step=round_, **{"map@k": now["map@k"]})
         reporter.progress(round_ / rounds, f"refinement round {round_}: map@k {now['map@k']:.4f}")
-    return SelectionResult(_plain(current), now["map@k"], now, path)
+    reporter.progress(1.0, f"refinement: map@k {now['map@k']:.4f}")
+    return SelectionResult(_plain(current), now["map@k"], now, path, scores.n_scored - scored_before)

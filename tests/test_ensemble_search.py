@@ -74,6 +74,8 @@ def test_greedy_stops_after_patience_steps_without_improvement():
     assert result.weights == (1, 0, 0)
     assert result.map_at_k == 1.0
     assert len(result.path) == 3
+    # Step 1 scores the 3 single models; then (2, 0, 0) and (3, 0, 0) rank as (1, 0, 0), scored once.
+    assert result.n_scored == 3 + 2 + 2
 
 
 def _neighbours(weights) -> list[tuple[float, ...]]:
@@ -132,3 +134,5 @@ def test_cancel_and_bad_arguments():
         refine(embeddings, labels, (0, 0, 0), K, device="cpu")
     with pytest.raises(MetricsError, match="3 non-negative"):
         refine(embeddings, labels, (1, 1), K, device="cpu")
+    with pytest.raises(MetricsError, match="3 non-negative"):
+        refine(embeddings, labels, (1, float("nan"), 1), K, device="cpu")
