@@ -99,7 +99,7 @@ def embed_image(image, method: Method, loaded: Mapping[str, object]) -> np.ndarr
     image = to_rgb(image)
     parts = {}
     with torch.inference_mode():
-        for name in method.models:
+        for name in method.used_models:
             model = loaded[name]
             batch = model.preprocess(image).unsqueeze(0).to(model.device)
             parts[name] = model.embed(batch).float().cpu().numpy()
