@@ -152,7 +152,7 @@ class Worker:
         finally:
             self._done.set()
             beat.join(timeout=5)
-            if code == 0:  # otherwise the database this worker would write to is not the one to write to
+            if code == 0:  # a replaced database is not this worker's any more; an unwritable one takes nothing
                 jobs.unregister_worker(self.engine, self.id)
             log.info("worker %s stopped", self.id)
         return code
