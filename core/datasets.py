@@ -18,6 +18,9 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 SPLITS = ("train", "eval")
+# Larger images are skipped at open, from their header, before any pixel is decoded: a decompression
+# bomb (a few KB that decode to gigabytes) never reaches the extractor.
+MAX_IMAGE_PIXELS = 64_000_000
 # Evaluation protocols: split by image (classes shared) or by class (eval classes never seen in training).
 PROTOCOLS = ("image", "class")
 PROTOCOL_SPLIT = {"image": "eval", "class": "eval-new-classes"}  # the split label results are stored under
@@ -224,8 +227,14 @@ def _probe(path: str) -> _Probe:
             handle.seek(0)
             try:
                 with Image.open(handle) as image:
+                    width, height = image.size
+                    if width * height > MAX_IMAGE_PIXELS:
+                        raise _Unreadable(f"too large to decode safely: {width} x {height} pixels "
+                                          f"(the limit is {MAX_IMAGE_PIXELS // 1_000_000} megapixels)")
                     decode = image.mode if image.mode in _HIGH_DEPTH_MODES or _has_alpha(image) else ""
                     image.verify()
+            except _Unreadable:
+                raise
             except Exception as error:  # PIL raises many types for broken files (SyntaxError, struct.error, ...)
                 raise _Unreadable(f"not a readable image: {type(error).__name__}: {error}") from None
     except OSError as error:

@@ -18,6 +18,7 @@ from core.cache import EmbeddingCache, EmbeddingSet
 from core.configs import (ComplementarityConfig, EvaluateConfig, ExtractConfig, FuseConfig, SelectWeightsConfig,
                           Settings, SweepConfig, TrainHeadConfig)
 from core.datasets import PROTOCOL_SPLIT, ImageSet, open_dataset
+from core.errors import user_message
 from core.extract import extract_embeddings
 from core.heads import checkpoint_key, clear_checkpoint, head_label, train_fusion_head
 from core.jobs import current_job_id
@@ -72,7 +73,7 @@ def run_job(kind: str, params: Mapping[str, Any], reporter: Reporter, workspace:
     except BaseException as error:
         # Whatever stopped the handler (an error, a cancel, Ctrl-C in the CLI), its run must not stay "running".
         status = "cancelled" if isinstance(error, (JobCancelled, KeyboardInterrupt)) else "failed"
-        _close_opened_runs(engine, status, f"{type(error).__name__}: {error}")
+        _close_opened_runs(engine, status, user_message(error))
         raise
     finally:
         _opened_runs.reset(token)

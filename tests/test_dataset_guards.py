@@ -236,3 +236,21 @@ def test_fingerprint_of_plain_images_is_unchanged_and_rescaled_modes_are_marked(
     Image.fromarray(np.array([[0, 65535]], dtype=np.uint16)).save(tmp_path / "d.png")
     rows.append(("d.png", "x", "eval"))
     assert open_manifest(_manifest(tmp_path, rows)).fingerprint != plain_formula(rows)
+
+
+def test_a_decompression_bomb_is_skipped_from_its_header(tmp_path):
+    """A 1-bit PNG of 9000 x 9000 pixels is a few KB on disk and 81 megapixels decoded: skipped at open."""
+    from PIL import Image
+
+    from core.datasets import MAX_IMAGE_PIXELS, open_image_folder
+    from tests.images import write_image
+
+    for c in ("a", "b"):
+        for i in range(2):
+            write_image(tmp_path / c / f"{i}.png", seed=10 * ord(c) + i)
+    Image.new("1", (9000, 9000)).save(tmp_path / "a" / "bomb.png")
+    assert 9000 * 9000 > MAX_IMAGE_PIXELS and (tmp_path / "a" / "bomb.png").stat().st_size < 100_000
+    imageset = open_image_folder(tmp_path)
+    assert len(imageset) == 4
+    (skipped,) = imageset.skipped
+    assert skipped.path.endswith("bomb.png") and "too large to decode safely" in skipped.reason
