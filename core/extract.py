@@ -1,7 +1,8 @@
 """Batched embedding extraction in resumable shards: decode each image once, feed every model that misses it.
 
-Stages (clip-retrieval style): reader (`_DecodeOnce` in a DataLoader, workers optional) -> mapper (each
-model's `embed` on the device) -> writer (`EmbeddingCache.put_shard` for every finished shard, then
+Stages (clip-retrieval style): reader (`_DecodeOnce` in a DataLoader, workers optional: each image of a batch
+decoded once to uint8 RGB, then each model's `batch_transform` on the whole batch) -> mapper (each model's
+`embed` on the device) -> writer (`EmbeddingCache.put_shard` for every finished shard, then
 `EmbeddingCache.assemble` into the one .npy readers see, once all of a model's shards exist).
 
 Rows are cut into a fixed grid of shards [0, s), [s, 2s), ... (s = `shard_size`) and batches never cross a
@@ -13,6 +14,7 @@ with another shard size are not on the grid and are computed again.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,9 +23,11 @@ from torch.utils.data import DataLoader, Dataset
 from core.cache import CorruptEmbeddings, EmbeddingCache, EmbeddingSet
 from core.datasets import DatasetError, ImageSet
 from core.devices import resolve_device
-from core.models import EmbeddingModel, cache_key_for, load_model
+from core.models import EmbeddingModel, cache_key_for, load_model, rgb_array
 from core.progress import SILENT, Reporter
 
+# Models that run through ONNX Runtime on the CPU keep their exported graphs beside the embeddings they make.
+EXPORTS_FOLDER = "onnx"
 DEFAULT_SHARD_SIZE = 512  # rows per committed shard: ~2.6 MB per 1280-d model, seconds of work on a GPU
 
 Shard = tuple[int, int]  # rows start..stop-1
@@ -41,37 +45,38 @@ def _decode_failure(imageset: ImageSet, row: int, error: Exception) -> str:
 
 
 class _DecodeOnce(Dataset):
-    """Row -> (row, one preprocessed tensor per model that needs the row's shard (else None), failure
-    message or None) from a single PIL decode. A failure is returned, not raised: raised in a loader worker
-    it would reach the user wrapped in a traceback. Picklable for workers: it holds the ImageSet, the models'
-    transforms and which shard each model needs, never the models."""
+    """One batch of rows -> (rows, one NCHW batch per model that needs the rows' shard (else None), failure
+    message or None): each image decoded once to uint8 RGB, then every model's batched preprocessing. A
+    failure is returned, not raised: raised in a loader worker it would reach the user wrapped in a
+    traceback. Picklable for workers: it holds the ImageSet, the models' batch transforms and which shard
+    each model needs, never the models."""
 
-    def __init__(self, imageset: ImageSet, transforms, needs: dict[int, tuple[bool, ...]], shard_size: int):
+    def __init__(self, imageset: ImageSet, batch_transforms, needs: dict[int, tuple[bool, ...]], shard_size: int):
         self.imageset = imageset
-        self.transforms = tuple(transforms)
+        self.batch_transforms = tuple(batch_transforms)
         self.needs = needs  # shard index -> per model: does it still miss this shard
         self.shard_size = shard_size
 
-    def __len__(self) -> int:
-        return len(self.imageset)
-
-    def __getitem__(self, row: int):
-        needs = self.needs[row // self.shard_size]
+    def __getitem__(self, rows: list[int]):
+        images = []
+        for row in rows:
+            try:
+                images.append(rgb_array(self.imageset.load_image(row)))
+            except Exception as error:  # the backstop for broken files: PIL raises many types
+                return rows, (), _decode_failure(self.imageset, row, error)
+        needs = self.needs[rows[0] // self.shard_size]  # a batch never crosses a shard boundary
         try:
-            image = self.imageset.load_image(row)
-            tensors = tuple(transform(image) if need else None for transform, need in zip(self.transforms, needs))
-        except Exception as error:  # the backstop for broken files: PIL and transforms raise many types
-            return row, (), _decode_failure(self.imageset, row, error)
-        return row, tensors, None
+            batches = tuple(transform(images) if need else None
+                            for transform, need in zip(self.batch_transforms, needs))
+        except Exception as error:
+            return rows, (), (f"Images of rows {rows[0]}..{rows[-1]} ({self.imageset.paths[rows[0]]} ...) could not "
+                              f"be preprocessed: {type(error).__name__}: {error}.")
+        return rows, batches, None
 
 
-def _collate(items):
-    rows = [row for row, _, _ in items]
-    failure = next((failure for _, _, failure in items if failure), None)
-    if failure:
-        return rows, (), failure
-    columns = zip(*(tensors for _, tensors, _ in items))
-    return rows, tuple(None if column[0] is None else torch.stack(column) for column in columns), None
+def _as_loaded(batch):
+    """The loader's collate step: `_DecodeOnce` already returns whole batches."""
+    return batch
 
 
 def embed_batch(model: EmbeddingModel, batch: torch.Tensor, device: str) -> np.ndarray:
@@ -114,7 +119,7 @@ def extract_embeddings(imageset: ImageSet, model_names: list[str], cache: Embedd
     if to_run:
         reporter.check_cancel()
         device = resolve_device(device)
-        models, load_seconds = _load(to_run, device, reporter)
+        models, load_seconds = _load(to_run, device, Path(cache.root) / EXPORTS_FOLDER, reporter)
         images, seconds = _run(imageset, models, [todo[name] for name in to_run], shard_size, cache, device,
                                batch_size, num_workers, reporter)
         summary = (f"; models loaded in {load_seconds:.1f} s, then {images:,} images at "
@@ -126,12 +131,12 @@ def extract_embeddings(imageset: ImageSet, model_names: list[str], cache: Embedd
     return {name: found[name] for name in names}
 
 
-def _load(names: list[str], device: str, reporter: Reporter) -> tuple[list[EmbeddingModel], float]:
+def _load(names: list[str], device: str, export_dir: Path, reporter: Reporter) -> tuple[list[EmbeddingModel], float]:
     models, total = [], 0.0
     for index, name in enumerate(names):
         reporter.progress(0.0, f"loading {name} ({index + 1}/{len(names)})")
         started = time.perf_counter()
-        models.append(load_model(name, device))
+        models.append(load_model(name, device, export_dir=export_dir))
         seconds = time.perf_counter() - started
         total += seconds
         reporter.progress(0.0, f"loaded {name} in {seconds:.1f} s ({index + 1}/{len(names)})")
@@ -156,8 +161,8 @@ def _run(imageset: ImageSet, models: list[EmbeddingModel], todo: list[set[Shard]
     batches = [list(range(first, min(first + batch_size, stop)))
                for start, stop in needed for first in range(start, stop, batch_size)]
     loader = DataLoader(
-        _DecodeOnce(imageset, [model.transform for model in models], needs, shard_size),
-        batch_sampler=batches, num_workers=num_workers, collate_fn=_collate,
+        _DecodeOnce(imageset, [model.batch_transform for model in models], needs, shard_size),
+        sampler=batches, batch_size=None, num_workers=num_workers, collate_fn=_as_loaded,
         pin_memory=device.startswith("cuda"), persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
     )

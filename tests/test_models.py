@@ -3,10 +3,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm.data
 import torch
 from PIL import Image
 
-from core.models import SOURCES, ModelError, cache_key_for, list_models, load_model, model_info
+from core.models import (CPU_BACKENDS, PACKAGED, SOURCES, ModelError, TimmBatchTransform, cache_key_for,
+                         cpu_backend_for, list_models, load_model, model_info)
 
 SAMPLE_IMAGES = Path(importlib.util.find_spec("sklearn").origin).parent / "datasets" / "images" \
     if importlib.util.find_spec("sklearn") else None
@@ -166,3 +168,81 @@ def test_list_models_has_the_packaged_offline_models():
     for name in ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "open_nsfw_resnet50_thin"]:
         assert infos[name].availability == "offline"
     assert infos["open_nsfw_resnet50_thin"].source == "onnx" and infos["open_nsfw_resnet50_thin"].dim == 1024
+
+
+# ----- batched preprocessing and CPU backends -----
+
+def decoded_images(small_demo) -> list[np.ndarray]:
+    """H x W x 3 uint8 images of every kind extraction meets: real 28x28 grey demo images (some twice, so a
+    run of same-size images is batched), small colour ones, hard edges (the bicubic overshoot), and large
+    ones that the resize shrinks (150x60 shrinks one side and enlarges the other under "squash")."""
+    rng = np.random.default_rng(7)
+    demo = [np.asarray(small_demo.load_image(row)) for row in range(0, 40, 5)]
+    edges = (rng.integers(0, 2, (17, 40, 3), dtype=np.uint8) * 255)
+    return [demo[0], rng.integers(0, 256, (30, 20, 3), dtype=np.uint8), *demo[1:4], edges,
+            rng.integers(0, 256, (300, 200, 3), dtype=np.uint8), *demo[4:], np.ascontiguousarray(edges[:, ::-1]),
+            rng.integers(0, 256, (180, 260, 3), dtype=np.uint8), rng.integers(0, 256, (150, 60, 3), dtype=np.uint8)]
+
+
+def test_batched_preprocessing_gives_timms_pil_transform_byte_for_byte(small_demo):
+    model = load_model("random:test_efficientnet")
+    images = decoded_images(small_demo)
+    batch = model.batch_transform(images)
+    config = timm.data.resolve_data_config({}, model=model.module)
+    pil_transform = timm.data.create_transform(**config, is_training=False)  # what extraction used to run
+    expected = torch.stack([pil_transform(Image.fromarray(image)) for image in images])
+    torch.testing.assert_close(batch, expected, rtol=0, atol=0)
+    for image, row in zip(images, batch):
+        torch.testing.assert_close(model.preprocess(Image.fromarray(image)), row, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("crop_mode, size, crop_pct", [("center", 224, 0.875), ("center", 260, 0.89),
+                                                      ("squash", 96, 0.9), ("center", 64, 1.0)])
+def test_timm_batch_transform_matches_pil_for_each_resize(small_demo, interpolation, crop_mode, size, crop_pct):
+    config = {"input_size": (3, size, size), "interpolation": interpolation, "crop_pct": crop_pct,
+              "crop_mode": crop_mode, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    assert TimmBatchTransform.supports(config)
+    images = decoded_images(small_demo)
+    pil_transform = timm.data.create_transform(**config, is_training=False)
+    expected = torch.stack([pil_transform(Image.fromarray(image)) for image in images])
+    torch.testing.assert_close(TimmBatchTransform(config)(images), expected, rtol=0, atol=0)
+
+
+def test_cpu_backends_agree_and_the_onnx_export_is_kept(small_demo, tmp_path, monkeypatch):
+    name = "random:test_efficientnet"
+    reference = load_model(name, cpu_backend="eager")
+    x = reference.batch_transform(decoded_images(small_demo)[:6])
+    with torch.inference_mode():
+        expected = reference.module.forward_head(reference.module.forward_features(x), pre_logits=True)
+        for backend in CPU_BACKENDS:
+            model = load_model(name, cpu_backend=backend, export_dir=tmp_path)
+            assert model.backend == backend
+            torch.testing.assert_close(model.embed(x), expected, rtol=1e-4, atol=1e-5)
+    assert len(list(tmp_path.glob("*.onnx"))) == 1
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: pytest.fail("exported again instead of reusing"))
+    again = load_model(name, cpu_backend="onnxruntime", export_dir=tmp_path)
+    with torch.inference_mode():
+        torch.testing.assert_close(again.embed(x), expected, rtol=1e-4, atol=1e-5)
+        assert not again.module.training  # the exporter flips the training flag back as it found it
+
+
+def test_a_failed_export_runs_the_torch_module_instead(small_demo, monkeypatch):
+    def failing_export(*args, **kwargs):
+        raise RuntimeError("Unsupported: ONNX export of operator foo")
+    monkeypatch.setattr(torch.onnx, "export", failing_export)
+    with pytest.warns(RuntimeWarning, match=r"random:test_vit: ONNX export .* foo.*channels_last torch module"):
+        model = load_model("random:test_vit", cpu_backend="onnxruntime")
+    assert model.backend == "channels_last" and model.is_torch_module
+    x = model.batch_transform(decoded_images(small_demo)[:2])
+    with torch.inference_mode():
+        torch.testing.assert_close(model.embed(x), load_model("random:test_vit").embed(x), rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_backend_choices():
+    assert cpu_backend_for("tf_efficientnet_lite2") == PACKAGED["tf_efficientnet_lite2"].cpu_backend
+    assert cpu_backend_for("random:test_vit") == "eager"
+    with pytest.raises(ModelError, match="unknown cpu_backend 'tensorrt'; use one of eager, channels_last"):
+        load_model("random:test_vit", cpu_backend="tensorrt")
+    with pytest.raises(ModelError, match="open_nsfw_resnet50_thin is an ONNX graph and runs only with"):
+        load_model("open_nsfw_resnet50_thin", cpu_backend="eager")
