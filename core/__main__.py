@@ -1,4 +1,4 @@
-"""Command line: python -m core {models,extract,evaluate,sweep,train-head,fuse,report,export,embed,demo,worker} --help.
+"""Command line: python -m core {models,extract,evaluate,sweep,train-head,fuse,report,export,embed,demo,worker,db} --help.
 
 extract / evaluate / sweep / train-head / fuse run the same job handlers as the background worker, in this
 process, so a CLI run lands in the runs database exactly as a dashboard run does.
@@ -198,6 +198,19 @@ def cmd_demo(args) -> int:
                                             "k": DEFAULT_K, "top": 5, "protocol": "image"}))
 
 
+def cmd_db(args) -> int:
+    """Upgrade the runs database to this release's schema (the dashboard and workers also do it on opening it)."""
+    workspace = Workspace.open(args.workspace)
+    engine = db.make_engine(args.db_url or workspace.db_url)
+    try:
+        upgraded = db.init_db(engine)  # its message, naming the backup, is logged to stderr
+        print(f"The runs database {engine.url.render_as_string(hide_password=True)} is at schema "
+              f"{db.schema_revision(engine)}{'' if upgraded else ', the newest: nothing to do'}.")
+    finally:
+        engine.dispose()
+    return 0
+
+
 def cmd_worker(args, rest: list[str]) -> int:
     from core.worker import main  # the worker's own module; imported here only to keep its parser separate
 
@@ -279,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--queue", action="store_true", help="submit the jobs to the worker instead of running them here")
 
     sub.add_parser("worker", help="run a background worker (python -m core worker --help)", add_help=False)
+    b = sub.add_parser("db", help="the runs database: `db upgrade` brings it to this release's schema, "
+                                  "keeping every row (a SQLite file is copied beside itself first)")
+    b.add_argument("action", choices=["upgrade"])
     return p
 
 
@@ -291,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = {"models": cmd_models, "extract": cmd_extract, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
                "train-head": cmd_train_head, "fuse": cmd_fuse, "report": cmd_report, "export": cmd_export, "embed": cmd_embed,
-               "demo": cmd_demo}
+               "demo": cmd_demo, "db": cmd_db}
     try:
         return command[args.command](args)
     except KeyboardInterrupt:

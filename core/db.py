@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
+import logging
 import os
+import sqlite3
 import weakref
+from pathlib import Path
 from typing import Any, Iterator
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from sqlalchemy import (
     JSON,
@@ -35,6 +42,8 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
+
+from core.files import atomic_write_bytes
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -280,69 +289,81 @@ def check_same_file(engine: Engine) -> str | None:
     return None
 
 
-def init_db(engine: Engine) -> None:
-    """Create missing tables and bring an older runs DB up to this schema, keeping every row."""
+MIGRATIONS = Path(__file__).with_name("migrations")  # Alembic's env.py and versions/, shipped in the package
+_MIGRATION_LOCK = 7207  # PostgreSQL advisory lock key: any fixed number of ours
+
+log = logging.getLogger("core.db")
+
+
+def init_db(engine: Engine) -> str | None:
+    """Create the tables of a new runs DB, or upgrade an older one to this release's schema (the Alembic
+    revisions in core/migrations) keeping every row; a SQLite file is first copied beside itself.
+
+    Returns what was done, naming the copy, when an existing DB was upgraded (also logged), else None.
+    Several processes may open the DB at once: the first migrates inside one transaction holding the write
+    lock (SQLite: BEGIN IMMEDIATE; PostgreSQL: an advisory lock), the others wait and find nothing to do.
+    A failed upgrade is rolled back and leaves the DB as it was."""
     bind = engine.execution_options(**{_IMMEDIATE: True}) if engine.dialect.name == "sqlite" else engine
-    # Several workers may start at once: one immediate transaction keeps their checks and CREATEs
-    # from interleaving.
+    head = ScriptDirectory(str(MIGRATIONS)).get_current_head()
     with bind.begin() as connection:
         if engine.dialect.name == "postgresql":
-            connection.execute(text("SELECT pg_advisory_xact_lock(7207)"))  # any fixed key of ours
-        Base.metadata.create_all(connection)
-        _add_missing_columns(connection)
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+        current = MigrationContext.configure(connection).get_current_revision()
+        if current == head:
+            return None
+        config = AlembicConfig()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = connection
+        existing = _columns_of_our_tables(connection)
+        if current is None and _is_newest_schema(existing):
+            # Made by this release's create_all before migrations existed: already the newest schema.
+            command.stamp(config, head)
+            return None
+        path = sqlite_file(engine)
+        backup = _backup_sqlite(path, current or "unversioned") if path is not None and existing else None
+        command.upgrade(config, head)
+    if not existing:
+        return None
+    where = engine.url.render_as_string(hide_password=True) if path is None else path
+    saved = (f"; the database as it was is kept in {backup}" if backup is not None else
+             "; no copy was made by this program (keep your own backups of a server database)")
+    message = f"Upgraded the runs database {where} from schema {current or 'unversioned'} to {head}{saved}."
+    log.warning(message)
+    return message
 
 
-# Columns added after the first release; a DB made before them gets them (and, for the method
-# columns, values read back from its rows).
-_ADDED_COLUMNS = {
-    "results": {"kind": "VARCHAR(16)", "models": "JSON", "head_path": "TEXT", "options": "JSON",
-                "selected_on": "VARCHAR(16)"},
-    "runs": {"summary": "JSON"},
-    "embedding_sets": {"seconds_per_image": "FLOAT", "device": "VARCHAR(64)"},
-}
+def schema_revision(engine: Engine) -> str | None:
+    """The Alembic revision the runs DB is at (its alembic_version row); None before init_db has run."""
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
 
 
-def _add_missing_columns(connection) -> None:
+def _columns_of_our_tables(connection) -> dict[str, set[str]]:
+    """Table name -> column names, for the tables of this schema that the DB has."""
     inspector = inspect(connection)
-    added = set()
-    for table, columns in _ADDED_COLUMNS.items():
-        present = {c["name"] for c in inspector.get_columns(table)}
-        for name, sql_type in columns.items():
-            if name not in present:
-                connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}"))
-                added.add((table, name))
-    if ("results", "kind") not in added:  # the method was already stored as data
-        return
-    rows = connection.execute(text(
-        "SELECT results.id, results.method, results.weights, results.is_oracle, results.extra, runs.kind "
-        "FROM results JOIN runs ON runs.id = results.run_id")).all()
-    for row in rows:
-        connection.execute(
-            text("UPDATE results SET kind = :kind, models = :models, weights = :weights, head_path = :head_path, "
-                 "selected_on = :selected_on, extra = :extra WHERE id = :id"),
-            {"id": row.id, **_inferred_method(row)})
+    names = set(inspector.get_table_names()) & set(Base.metadata.tables)
+    return {name: {column["name"] for column in inspector.get_columns(name)} for name in names}
 
 
-def _inferred_method(row) -> dict[str, Any]:
-    """What the first release left implicit, read back from its rows (only ever used to migrate them)."""
-    load = lambda value: json.loads(value) if isinstance(value, str) else value  # noqa: E731
-    extra, weights = dict(load(row.extra) or {}), load(row.weights)
-    run_kind = extra.get("source_run_kind", row.kind)
-    models = list(extra.get("models") or ())
-    head_path = extra.get("head_path")
-    if weights is not None and run_kind == "sweep":
-        extra["vector"] = weights  # the sweep table shows each row's weights as swept
-    if run_kind == "train_head" or head_path:
-        kind, selected_on, weights = "head", "validation", None
-    elif weights is not None and sum(1 for w in weights if w) > 1:
-        kind, selected_on = "concat", "eval" if row.is_oracle else "train"
-    else:
-        kind, selected_on, head_path = "single", "none", None
-        if weights is not None and models:
-            models = [m for m, w in zip(models, weights) if w][:1]
-        models, weights = models or [row.method], None
-    return {"kind": kind, "models": json.dumps(models), "weights": json.dumps(weights) if weights is not None else None,
-            "head_path": head_path, "selected_on": selected_on, "extra": json.dumps(extra)}
+def _is_newest_schema(existing: dict[str, set[str]]) -> bool:
+    """Whether the DB has every table and column of this release's schema."""
+    return all({column.name for column in table.columns} <= existing.get(name, set())
+               for name, table in Base.metadata.tables.items())
+
+
+def _backup_sqlite(path: str, revision: str) -> Path:
+    """A consistent copy of the SQLite file (sqlite3's backup API, then one atomic write beside it)."""
+    target = Path(f"{path}.bak-{revision}-{utcnow():%Y%m%dT%H%M%SZ}")
+    source = sqlite3.connect(f"{Path(path).as_uri()}?mode=ro", uri=True)
+    copy = sqlite3.connect(":memory:")
+    try:
+        source.backup(copy)
+        data = copy.serialize()
+    finally:
+        source.close()
+        copy.close()
+    atomic_write_bytes(target, data)
+    return target
 
 
 @contextlib.contextmanager
