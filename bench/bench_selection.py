@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -132,7 +133,9 @@ def main(argv=None) -> dict:
         embeddings, labels, source = _demo_train_split(args.workspace, args.dataset, args.demo_models)
         result["demo_train_split"] = {"source": source, "model_names": args.demo_models,
                                       **_against_grid(embeddings, labels, args)}
-    text = json.dumps(result, indent=2)
+    # Short lists (weights, dims) on one line each, so a path reads as one row per step.
+    text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]",
+                  json.dumps(result, indent=2))
     print(text)
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
