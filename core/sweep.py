@@ -5,36 +5,42 @@ sum_i w_i^2 cos_i(q, j) (the concatenation's norm is the same for every row). So
   * weight vectors that are multiples of each other rank identically: one score per ratio class;
   * nothing is re-concatenated: each model's similarities are computed once and combined.
 
-`WeightedConcatScorer.score` walks the queries in blocks and scores each block by one of two exact paths:
-  * candidates: each model keeps a top-K' list per query with its K'-th similarity tau_i(q).
-    Anything outside every list scores at most sum_i w_i^2 tau_i(q), so when the depth-th best
-    candidate beats that bound the candidates' ranking *is* the exact top; a (query, weights) pair
-    that is not certified is re-ranked over the whole gallery from the block's similarity rows.
-    Costs |candidates| per pair, plus a full row per uncertified pair.
+`WeightedConcatScorer.score` walks the queries in blocks and scores each block by one exact path:
+  * candidates at level l: each model's top-K_l list per query (K_l = K_0 * 2^l) and its K_l-th
+    similarity tau_i(q). Anything outside every list scores at most sum_i w_i^2 tau_i(q), so when the
+    depth-th best candidate beats that bound the candidates' ranking *is* the exact top; a
+    (query, weights) pair that is not certified is ranked over the whole gallery instead. Level 0 is
+    built once with the scorer; deeper levels are built per block from its similarity rows. Costs
+    |candidates| per pair, plus a full row per uncertified pair.
   * dense: each model's block x N similarity block once, fused by every weight vector, exact top over
     the gallery. Costs N per pair, whatever the models do.
-When models agree their lists overlap and nearly every pair certifies; when they disagree few do,
-and paying the candidates *and* a full row for most pairs costs more than the dense path.
+When models agree, level 0 certifies nearly every pair. When they disagree, few pairs certify at
+level 0 and paying the candidates *and* a full row for most pairs costs more than dense; deeper
+lists certify most pairs again, at a fraction of N per pair.
 
-Choosing per block, by measured cost (`PathCosts`): every block times its parts (candidate fusion
-per pair, dense fusion per pair, a fallback pair, similarity rows per query) and records the
-fraction u of its pairs that the bound does not certify (the dense path measures u too: a pair
-certifies exactly when its true depth-th score beats the bound). The next block is predicted to cost
-    candidates:  pairs * (t_candidate + u * t_fallback) + (rows * t_similarity if u > 0)
-    dense:       pairs * t_dense + rows * t_similarity
-and takes the cheaper path. u is a running estimate that weights the latest block by half, so a
-sweep follows data whose agreement changes between blocks. Before a cost is measured it is estimated
-from the other path's, scaled by the elements each touches (N against |candidates|). Both paths are
-exact, so the choice changes the time, never a number.
+Choosing per block, by measured cost (`PathCosts`): blocks time their parts (seconds per candidate
+and per gallery element fused and ranked, per ranked pair scored, per fallback pair, per query for
+similarity rows and for building deeper lists) and every pair's exact depth-th score gives, for
+every level l at once, the fraction u_l of pairs its bound leaves uncertified and the fraction h_l
+of queries with one. With C_l candidates per query the next block is predicted to cost
+    level 0:   pairs * (C_0 * t_candidate + t_pair + u_0 * t_fallback) + rows * h_0 * t_similarity
+    level l:   pairs * (C_l * t_candidate + t_pair + u_l * t_fallback) + rows * (t_similarity + t_lists)
+    dense:     pairs * (N * t_gallery + t_pair) + rows * t_similarity
+and takes the cheapest. u and h are running estimates that weigh the latest block by half, so a
+sweep follows data whose agreement changes between blocks; a cost not measured yet is estimated from
+the others (a fallback pair costs what a dense pair does; M selections over the gallery build a
+query's deeper lists; a gallery element costs what a candidate does). The first block runs level 0
+and there are at least MIN_BLOCKS blocks, so what it teaches is used. Every path is exact, so the
+choice changes the time, never a number.
 
-Ties are ranked by (-score, gallery index) on both paths, as everywhere (DESIGN.md).
+Ties are ranked by (-score, gallery index) on every path, as everywhere (DESIGN.md).
 """
 from __future__ import annotations
 
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -47,74 +53,129 @@ from core.vectors import l2_normalize, ratio_class
 # Safety margin on the pruning bound: candidate lists and rescoring are separate float32
 # computations, so a similarity can differ between them in the last bits.
 BOUND_SLACK = 1e-5
-# Candidates kept per model and query: 2 x the depth exact metrics need, plus this. Deeper lists
-# certify more (query, weights) pairs without the exact fallback; shorter ones cost less per
-# weight vector (bench/RESULTS.md has the trade-off on the demo).
+# Candidates kept per model and query at level 0: 2 x the depth exact metrics need, plus this.
+# Deeper lists certify more (query, weights) pairs without the exact fallback; shorter ones cost
+# less per weight vector (bench/RESULTS.md has the trade-off on the demo).
 DEFAULT_EXTRA = 32
+# Deeper candidate levels (each doubling the lists) while every model's lists fit in the gallery.
+MAX_LEVELS = 3
 # Elements (weight vectors x queries x candidates or gallery items) fused at once. On the CPU 16 MB:
 # large enough that per-operation overhead stays small, below glibc's 32 MB mmap threshold so
 # temporaries are reused instead of page-faulted in afresh (100 MB ones ran several times slower on
 # 2 cores); a GPU wants large launches.
 CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**28}
 # Query x gallery elements per query block: the unit of the path choice and of each model's
-# similarity block (M of them are held at once).
+# similarity block (M of them are held at once); and the fewest blocks a sweep is cut into.
 QUERY_BLOCK_ELEMENTS = 2_000_000
+MIN_BLOCKS = 8
 # Bound on the similarity blocks held while building candidates.
 CHUNK_BYTES = 512 * 2**20
+# A query's similarity to itself in a block's rows: below any cosine, so it never ranks, and finite,
+# so a zero weight times it is 0 (not NaN).
+SELF_SCORE = -4.0
 PATHS = ("auto", "candidates", "dense")
-PARTS = ("candidate", "fallback", "dense", "similarity")  # the timed parts of PathCosts
+PARTS = ("candidate", "dense", "pair", "fallback", "similarity", "lists")  # the timed parts of PathCosts
 
 
 @dataclass
 class PathCosts:
     """Measured seconds per unit of work of each path, and running estimates of how much of a block
-    the bound leaves uncertified; picks the cheaper path for the next query block (module docstring)."""
+    each candidate level leaves uncertified; picks the cheapest path for the next query block
+    (module docstring). Units: candidate and dense = one element fused and ranked (a candidate, or a
+    gallery item, of one pair); pair = scoring one ranked pair; fallback = one pair, all included;
+    similarity and lists = one query."""
 
-    gallery: int  # N: elements a dense pair touches
-    width: float  # mean candidates per query: elements a candidate pair touches
+    gallery: int  # N
+    models: int  # M
+    widths: list[float]  # C_l: candidates per query at each level (deeper ones estimated until built)
     seconds: dict = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
     units: dict = field(default_factory=lambda: dict.fromkeys(PARTS, 0))
-    uncertified: float | None = None  # fraction of (query, weights) pairs
-    queries_hit: float | None = None  # fraction of queries with at least one uncertified pair
+    uncertified: list[float] | None = None  # u_l: fraction of (query, weights) pairs, per level
+    queries_hit: list[float] | None = None  # h_l: fraction of queries with an uncertified pair
 
     def add(self, part: str, seconds: float, units: int) -> None:
         self.seconds[part] += seconds
         self.units[part] += units
 
-    def observe(self, uncertified_pairs: int, pairs: int, queries_hit: int, queries: int) -> None:
-        """Fold in one block; the latest block weighs half, so the estimate follows changing data."""
-        u, q = uncertified_pairs / max(1, pairs), queries_hit / max(1, queries)
-        first = self.uncertified is None
-        self.uncertified = u if first else (self.uncertified + u) / 2
-        self.queries_hit = q if first else (self.queries_hit + q) / 2
+    def observe(self, uncertified: list[float], queries_hit: list[float]) -> None:
+        """Fold in one block's fractions; the latest block weighs half, so estimates follow the data."""
+        if self.uncertified is None:
+            self.uncertified, self.queries_hit = list(uncertified), list(queries_hit)
+            return
+        self.uncertified = [(old + new) / 2 for old, new in zip(self.uncertified, uncertified)]
+        self.queries_hit = [(old + new) / 2 for old, new in zip(self.queries_hit, queries_hit)]
 
     def rate(self, part: str) -> float | None:
         return self.seconds[part] / self.units[part] if self.units[part] else None
 
-    def choose(self, pairs: int, rows: int) -> str:
-        """ "candidates" or "dense" for a block of `rows` queries and `pairs` (query, weights) pairs."""
+    def predict(self, pairs: int, rows: int) -> dict[tuple[str, int], float]:
+        """Predicted seconds of each path for a block: ("candidates", level) and ("dense", 0)."""
         candidate, dense, fallback = self.rate("candidate"), self.rate("dense"), self.rate("fallback")
-        if self.uncertified is None or candidate is None and dense is None:
-            return "candidates"  # nothing measured yet: the path that is cheap when models agree
-        # A path not run yet: the other's cost per element touched (a fallback pair is a dense pair).
-        if candidate is None:
-            candidate = dense * self.width / self.gallery
-        if dense is None:
-            dense = fallback if fallback is not None else candidate * self.gallery / self.width
-        fallback = fallback if fallback is not None else dense
-        similarity = (self.rate("similarity") or 0.0) * rows
-        by_candidates = pairs * (candidate + self.uncertified * fallback) + similarity * self.queries_hit
-        by_dense = pairs * dense + similarity
-        return "candidates" if by_candidates <= by_dense else "dense"
+        pair = self.rate("pair") or 0.0
+        if dense is None:  # a fallback pair is a dense pair; else an element costs what a candidate does
+            dense = (fallback - pair) / self.gallery if fallback is not None else candidate
+        candidate = candidate if candidate is not None else dense
+        dense_pair = self.gallery * dense + pair
+        fallback = fallback if fallback is not None else dense_pair
+        similarity = self.rate("similarity") or 0.0
+        lists = self.rate("lists")
+        lists = lists if lists is not None else self.models * self.gallery * dense  # M selections per query
+        out = {}
+        for level, (width, u) in enumerate(zip(self.widths, self.uncertified)):
+            build = rows * similarity * self.queries_hit[0] if level == 0 else rows * (similarity + lists)
+            out[("candidates", level)] = pairs * (width * candidate + pair + u * fallback) + build
+        out[("dense", 0)] = pairs * dense_pair + rows * similarity
+        return out
+
+    def choose(self, pairs: int, rows: int) -> tuple[str, int]:
+        if self.uncertified is None or self.rate("candidate") is None and self.rate("dense") is None:
+            return ("candidates", 0)  # nothing measured yet: the path that is cheap when models agree
+        predicted = self.predict(pairs, rows)
+        return min(predicted, key=predicted.get)
+
+
+@dataclass
+class _Lists:
+    """Candidate lists of a run of queries: each row the union of every model's top-K list in
+    ascending gallery index (padding n last), so a stable sort breaks score ties by index."""
+
+    sims: torch.Tensor  # M x rows x C, 0 at padding
+    valid: torch.Tensor  # rows x C
+    relevant: torch.Tensor  # rows x C: same label as the query
+    tau: torch.Tensor  # rows x M: K-th similarity + slack (-2 where the lists hold the whole gallery)
+
+    def rows(self, lo: int, hi: int) -> "_Lists":
+        return _Lists(self.sims[:, lo:hi], self.valid[lo:hi], self.relevant[lo:hi], self.tau[lo:hi])
+
+
+def _union(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Each row's distinct ids in ascending order, then the padding id n for the duplicates."""
+    union = torch.sort(ids, dim=1).values
+    dup = torch.zeros_like(union, dtype=torch.bool)
+    dup[:, 1:] = union[:, 1:] == union[:, :-1]
+    return torch.sort(union.masked_fill(dup, n), dim=1).values
+
+
+def _gather_lists(union: torch.Tensor, blocks: Sequence[torch.Tensor], labels: torch.Tensor,
+                  queries: torch.Tensor, tau: torch.Tensor) -> _Lists:
+    """`_Lists` of `queries` from their candidate ids and every model's similarity rows (rows x N)."""
+    n = len(labels)
+    width = int((union < n).sum(dim=1).max())
+    union = union[:, :width]
+    valid = union < n
+    safe = union.clamp(max=n - 1)
+    sims = torch.stack([torch.gather(block, 1, safe) for block in blocks]) * valid
+    return _Lists(sims, valid, valid & (labels[safe] == labels[queries, None]), tau)
 
 
 class WeightedConcatScorer:
     """Scores any number of weight vectors for a fixed set of models, labels and k, exactly.
 
-    Built once per (embeddings, labels, k): the per-model candidate lists and the candidates'
-    per-model similarities; then `score` chooses per query block between the candidates and dense
-    streaming (module docstring). `path` forces one path ("candidates" or "dense"); `block_rows`
-    sets the queries per block (default: QUERY_BLOCK_ELEMENTS / N).
+    Built once per (embeddings, labels, k): the level-0 candidate lists, their per-model
+    similarities, and every level's bound; then `score` chooses per query block between candidate
+    levels and dense streaming (module docstring). `path` forces one path: "candidates" (level 0
+    with full-gallery fallbacks) or "dense"; `block_rows` sets the queries per block (default:
+    QUERY_BLOCK_ELEMENTS / N, at most N / MIN_BLOCKS).
     """
 
     def __init__(self, embeddings: Sequence[np.ndarray], labels: np.ndarray, k: int = 50, *,
@@ -149,62 +210,63 @@ class WeightedConcatScorer:
             self.models.append(torch.as_tensor(x, device=self.device))
         codes = np.unique(labels, return_inverse=True)[1].reshape(-1)
         self._label_codes = torch.as_tensor(codes, device=self.device)
-        self._build_candidates(min(self.depth + extra, n - 1))
-        padded = torch.cat([self._label_codes, torch.tensor([-1], device=self.device)])
-        self.relevant = padded[self.candidates] == self._label_codes[:, None]
+        first = min(self.depth + extra, n - 1)
+        self.list_depths = [first]  # K_l per level; deeper ones only while they leave something outside
+        while (len(self.list_depths) <= MAX_LEVELS and 2 * self.list_depths[-1] * len(self.models) <= n
+               and 2 * self.list_depths[-1] < n - 1):
+            self.list_depths.append(2 * self.list_depths[-1])
+        self._build_candidates()
         scale = 16 if self.device.type == "cuda" else 1  # a GPU wants bigger blocks and has the memory
         self.chunk_elements = CHUNK_ELEMENTS[self.device.type]
-        self.block_rows = int(block_rows or max(1, min(n, scale * QUERY_BLOCK_ELEMENTS // n)))
-        self.costs = PathCosts(gallery=n, width=float(self.valid.sum()) / n)
-        self.n_uncertified = 0  # (query, weights) pairs whose candidates could not be certified
+        self.block_rows = int(block_rows or max(1, min(-(-n // MIN_BLOCKS), scale * QUERY_BLOCK_ELEMENTS // n)))
+        width = float(self.valid.sum()) / n
+        self.costs = PathCosts(gallery=n, models=len(self.models),
+                               widths=[min(n - 1.0, width * d / first) for d in self.list_depths])
+        self.n_uncertified = 0  # (query, weights) pairs whose level-0 candidates could not be certified
         self.blocks = {"candidates": 0, "dense": 0}  # query blocks scored by each path
+        self.level_blocks = [0] * len(self.list_depths)  # candidate blocks at each level
 
-    def _build_candidates(self, per_model: int) -> None:
-        """Per query: the union of each model's top-`per_model` list, and every model's similarity to it.
+    def _build_candidates(self) -> None:
+        """Level 0 for every query: the union of each model's top-K_0 list and every model's
+        similarity to it; and every level's bound tau (the K_l-th similarity of each model).
 
         Works on query chunks of each model's full similarity block, so candidates and their
         similarities come from one matmul per model (this is why it does not call search.top_k,
         which returns lists without the blocks to read the other models' similarities from).
         """
         n, m_count = self.n, len(self.models)
-        full = per_model >= n - 1  # every list holds the whole gallery: nothing lies outside
-        width = m_count * per_model
-        cand = torch.full((n, width), n, dtype=torch.int64, device=self.device)
-        sims = torch.zeros((m_count, n, width), dtype=torch.float32, device=self.device)
+        full = self.list_depths[0] >= n - 1  # every list holds the whole gallery: nothing lies outside
         # -2 is below any cosine: the bound of a list that leaves nothing outside.
-        tau = torch.full((n, m_count), -2.0, dtype=torch.float32, device=self.device)
+        tau = torch.full((n, m_count, len(self.list_depths)), -2.0, dtype=torch.float32, device=self.device)
+        chunks = []
         rows = max(1, CHUNK_BYTES // (4 * n * m_count))
         for s in range(0, n, rows):
-            e = min(n, s + rows)
-            own = torch.arange(s, e, device=self.device)
+            queries = torch.arange(s, min(n, s + rows), device=self.device)
             blocks = []
-            for x in self.models:
-                block = x[s:e] @ x.T
-                block[own - s, own] = -torch.inf
-                blocks.append(block)
-            lists = []
-            for m, block in enumerate(blocks):
-                values, ids = torch.topk(block, per_model, dim=1)
-                lists.append(ids)
+            ids = []
+            for m, x in enumerate(self.models):
+                block = x[queries] @ x.T
+                block[queries - s, queries] = -torch.inf
+                values, top = torch.topk(block, self.list_depths[-1], dim=1)
                 if not full:
-                    tau[s:e, m] = values[:, -1] + BOUND_SLACK
-            # Ascending gallery index, so a stable sort later breaks score ties by index;
-            # duplicates become the padding index n, which sorts last.
-            union = torch.sort(torch.cat(lists, dim=1), dim=1).values
-            dup = torch.zeros_like(union, dtype=torch.bool)
-            dup[:, 1:] = union[:, 1:] == union[:, :-1]
-            union[dup] = n
-            union = torch.sort(union, dim=1).values
-            cand[s:e] = union
-            safe = union.clamp(max=n - 1)
-            for m, block in enumerate(blocks):
-                sims[m, s:e] = torch.gather(block, 1, safe)
-        used = int((cand < n).sum(dim=1).max())
-        self.candidates = cand[:, :used]
-        self.valid = self.candidates < n
+                    for level, d in enumerate(self.list_depths):
+                        tau[queries, m, level] = values[:, d - 1] + BOUND_SLACK
+                blocks.append(block)
+                ids.append(top[:, :self.list_depths[0]])
+            union = _union(torch.cat(ids, dim=1), n)
+            chunks.append(_gather_lists(union, blocks, self._label_codes, queries, tau[queries, :, 0]))
+        width = max(c.valid.shape[1] for c in chunks)
+
+        def padded(t: torch.Tensor, value) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=value)
+
         # M x n x C, so one matmul fuses a block for many weight vectors; 0 at padding (masked later).
-        self.similarities = (sims[:, :, :used] * self.valid).contiguous()
-        self.tau = tau
+        self.similarities = torch.cat([padded(c.sims, 0.0) for c in chunks], dim=1).contiguous()
+        self.valid = torch.cat([padded(c.valid, False) for c in chunks])
+        self.relevant = torch.cat([padded(c.relevant, False) for c in chunks])
+        self.tau = tau[:, :, 0].contiguous()
+        self.tau_levels = tau
+        self.lists = _Lists(self.similarities, self.valid, self.relevant, self.tau)
 
     def score(self, weights: np.ndarray, reporter: Reporter = SILENT) -> list[dict]:
         """Metrics (METRIC_KEYS + n_queries, n_excluded) of each row of `weights` (W x M)."""
@@ -218,17 +280,32 @@ class WeightedConcatScorer:
         for start in range(0, self.n, self.block_rows):
             reporter.check_cancel()
             stop = min(self.n, start + self.block_rows)
-            path = self.path if self.path != "auto" else self.costs.choose(len(w) * (stop - start), stop - start)
-            self.blocks[path] += 1
+            if self.path == "auto":
+                path, level = self.costs.choose(len(w) * (stop - start), stop - start)
+            else:
+                path, level = self.path, 0
             block = _QueryBlock(self, squared, totals, start, stop)
-            block.dense() if path == "dense" else block.candidates()
-            self.n_uncertified += block.uncertified_pairs
-            self.costs.observe(block.uncertified_pairs, len(w) * (stop - start), block.queries_hit, stop - start)
+            if path == "dense":
+                block.dense()
+            else:
+                block.candidates(level)
+                self.level_blocks[level] += 1
+            self.blocks[path] += 1
+            self._observe(block)
             reporter.progress(stop / self.n, f"scored {stop}/{self.n} queries for {len(w)} weight vectors")
         n_valid = int((self.n_relevant > 0).sum())
         means = (totals / n_valid if n_valid else torch.full_like(totals, torch.nan)).cpu().tolist()
         return [{**dict(zip(METRIC_KEYS, row)), "k": self.k, "n_queries": n_valid, "n_excluded": self.n - n_valid}
                 for row in means]
+
+    def _observe(self, block: "_QueryBlock") -> None:
+        """Which pairs of the block each level's bound would have certified, from their exact
+        depth-th scores: a pair certifies exactly when that score beats the bound."""
+        tau = self.tau_levels[block.start:block.stop]  # b x M x levels
+        bounds = torch.einsum("wm,bml->lwb", block.a, tau)
+        missed = block.kth[None] <= bounds  # levels x W x b
+        self.n_uncertified += int(missed[0].sum())
+        self.costs.observe(missed.float().mean(dim=(1, 2)).tolist(), missed.any(dim=1).float().mean(dim=1).tolist())
 
     def _metric_sums(self, rel: torch.Tensor, queries: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """... x len(METRIC_KEYS) float64: the metrics of ranked relevance `rel` (... x depth) of
@@ -244,110 +321,135 @@ class WeightedConcatScorer:
 
 
 class _QueryBlock:
-    """Queries [start, stop) of a scorer, scored for every weight vector by one of the two exact paths,
-    into `totals` (W x metrics sums); the parts are timed into the scorer's costs."""
+    """Queries [start, stop) of a scorer, scored for every weight vector by one exact path into
+    `totals` (W x metric sums), with every pair's exact depth-th score kept in `kth`; the parts are
+    timed into the scorer's costs."""
 
     def __init__(self, scorer: WeightedConcatScorer, squared: torch.Tensor, totals: torch.Tensor,
                  start: int, stop: int):
         self.s, self.a, self.totals = scorer, squared, totals
         self.start, self.stop = start, stop
-        self.uncertified_pairs = 0
-        self.queries_hit = 0  # queries with at least one uncertified pair
+        self.queries = torch.arange(start, stop, device=scorer.device)
+        self.kth = torch.empty((len(squared), stop - start), dtype=torch.float32, device=scorer.device)
+        self._sims: torch.Tensor | None = None
 
     def _clock(self) -> float:
         if self.s.device.type == "cuda":
             torch.cuda.synchronize(self.s.device)  # time the work, not its queueing
         return time.perf_counter()
 
-    def _chunks(self, width: int):
-        """(weights slice, query slice) pairs covering the block, each about chunk_elements wide."""
+    def _chunks(self, width: int) -> Iterator[tuple[slice, slice]]:
+        """(weights, block-local queries) slices covering the block, each about chunk_elements wide."""
         rows = max(1, min(self.stop - self.start, self.s.chunk_elements // width))
         per_chunk = max(1, self.s.chunk_elements // (rows * width))
-        for lo in range(self.start, self.stop, rows):
+        for lo in range(0, self.stop - self.start, rows):
             for w0 in range(0, len(self.a), per_chunk):
-                yield slice(w0, w0 + per_chunk), slice(lo, min(self.stop, lo + rows))
+                yield slice(w0, w0 + per_chunk), slice(lo, min(self.stop - self.start, lo + rows))
 
-    def _similarities(self, queries: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        """Every model's similarity of `queries` to the whole gallery, models stacked along `dim`
-        (M x Q x N, or Q x M x N with dim=1)."""
+    def _similarities(self, queries: torch.Tensor) -> torch.Tensor:
+        """M x len(queries) x N: every model's similarity of `queries` to the whole gallery, each
+        query's own column at SELF_SCORE."""
         t0 = self._clock()
-        sims = torch.stack([x[queries] @ x.T for x in self.s.models], dim=dim)
+        sims = torch.stack([x[queries] @ x.T for x in self.s.models])
+        sims[:, torch.arange(len(queries), device=sims.device), queries] = SELF_SCORE
         self.s.costs.add("similarity", self._clock() - t0, len(queries))
         return sims
 
-    def _bound(self, a: torch.Tensor, queries: slice) -> torch.Tensor:
-        """B x rows: the most any item outside every candidate list of `queries` can score."""
-        return a @ self.s.tau[queries].T
+    def similarities(self) -> torch.Tensor:
+        """M x b x N for the whole block, computed once."""
+        if self._sims is None:
+            self._sims = self._similarities(self.queries)
+        return self._sims
 
-    def candidates(self) -> None:
-        """Rank among the candidates, keep the pairs the bound certifies, then rank the others over
-        the whole gallery, query by query (each query's similarity rows computed once)."""
+    def candidates(self, level: int) -> None:
+        """Rank among the level's candidates, keep the pairs the bound certifies, then rank the
+        others over the whole gallery."""
+        sc = self.s
+        if level == 0:
+            lists = sc.lists.rows(self.start, self.stop)
+        else:
+            sims = self.similarities()
+            t0 = self._clock()
+            ids = torch.cat([torch.topk(s, sc.list_depths[level], dim=1).indices for s in sims], dim=1)
+            lists = _gather_lists(_union(ids, sc.n), sims, sc._label_codes, self.queries,
+                                  sc.tau_levels[self.start:self.stop, :, level])
+            sc.costs.add("lists", self._clock() - t0, len(self.queries))
+            sc.costs.widths[level] = float(lists.valid.sum()) / len(self.queries)
+        uncertified = self._rank(lists)
+        hit = torch.nonzero(uncertified.any(dim=0)).squeeze(1)
+        if len(hit):
+            # Level 0 needs only the rows of queries it could not certify; deeper levels have them all.
+            sims, rows = (self._sims, hit) if self._sims is not None else (self._similarities(self.queries[hit]), None)
+            self._fallback(sims, hit, rows, uncertified[:, hit])
+
+    def _rank(self, lists: _Lists) -> torch.Tensor:
+        """Score every pair among its candidates; add the certified ones to the totals. Returns the
+        W x b uncertified pairs."""
         sc, depth = self.s, self.s.depth
-        uncertified = torch.zeros((len(self.a), self.stop - self.start), dtype=torch.bool, device=sc.device)
-        t0 = self._clock()
-        for ws, qs in self._chunks(sc.candidates.shape[1]):
-            a = self.a[ws]
-            sims = sc.similarities[:, qs]  # M x rows x C
-            m_count, rows, width = sims.shape
-            fused = (a @ sims.reshape(m_count, rows * width)).view(len(a), rows, width)
-            fused.masked_fill_(~sc.valid[qs], -torch.inf)
+        uncertified = torch.zeros(self.kth.shape, dtype=torch.bool, device=sc.device)
+        m_count, _, width = lists.sims.shape
+        for ws, qs in self._chunks(width):
+            t0 = self._clock()
+            a, part = self.a[ws], lists.rows(qs.start, qs.stop)
+            rows = qs.stop - qs.start
+            fused = (a @ part.sims.reshape(m_count, rows * width)).view(len(a), rows, width)
+            fused.masked_fill_(~part.valid, -torch.inf)
             top, scores = _ranked(fused, depth)
             kth = scores[:, :, depth - 1]
-            certified = kth > self._bound(a, qs)  # beats everything outside the candidates
-            if scores.shape[2] > depth:  # a tie across the cut may have dropped a lower-index candidate
-                certified &= kth > scores[:, :, depth]
-            rel = torch.gather(sc.relevant[qs].expand(len(a), -1, -1), 2, top[:, :, :depth])
-            queries = torch.arange(qs.start, qs.stop, device=sc.device)
-            self.totals[ws] += sc._metric_sums(rel, queries, certified).sum(dim=1)
-            uncertified[ws, qs.start - self.start:qs.stop - self.start] = ~certified
-        sc.costs.add("candidate", self._clock() - t0, uncertified.numel())
-        self.uncertified_pairs = int(uncertified.sum())
-        hit = torch.nonzero(uncertified.any(dim=0)).squeeze(1)
-        self.queries_hit = len(hit)
-        if len(hit):
-            self._fallback(hit + self.start, uncertified[:, hit])
+            # Beats everything outside the candidates (whose ties _ranked has already ordered).
+            certified = kth > a @ part.tau.T
+            t1 = self._clock()
+            rel = torch.gather(part.relevant.expand(len(a), -1, -1), 2, top[:, :, :depth])
+            self.totals[ws] += sc._metric_sums(rel, self.queries[qs], certified).sum(dim=1)
+            self.kth[ws, qs] = kth
+            uncertified[ws, qs] = ~certified
+            sc.costs.add("candidate", t1 - t0, fused.numel())
+            sc.costs.add("pair", self._clock() - t1, certified.numel())
+        return uncertified
 
-    def _fallback(self, queries: torch.Tensor, pairs: torch.Tensor) -> None:
-        """Exact ranking over the whole gallery for each query's uncertified weight vectors
-        (`pairs`: W x len(queries) booleans)."""
-        sc = self.s
-        sims = self._similarities(queries, dim=1)  # Q x M x N
+    def _fallback(self, sims: torch.Tensor, queries: torch.Tensor, rows: torch.Tensor | None,
+                  pairs: torch.Tensor) -> None:
+        """Exact ranking over the whole gallery for the uncertified weight vectors of block-local
+        `queries` (`pairs`: W x len(queries) booleans); their similarity rows are `sims[:, rows]`
+        (rows None: sims holds exactly these queries)."""
+        sc, depth = self.s, self.s.depth
         t0 = self._clock()
         local, weights = torch.nonzero(pairs.T, as_tuple=True)  # grouped by query
-        owners = queries[local]
-        ranked = []
+        at = local if rows is None else rows[local]
+        ranked, kth = [], []
         # Pairs of many queries per chunk: few large operations, whatever the pairs per query.
-        per_chunk = max(1, sc.chunk_elements // (sims.shape[1] * sc.n))
+        per_chunk = max(1, sc.chunk_elements // sc.n)
         for p in range(0, len(local), per_chunk):
-            part = slice(p, p + per_chunk)
-            fused = torch.bmm(self.a[weights[part], None, :], sims[local[part]])[:, 0]  # P x N
-            fused[torch.arange(len(fused), device=fused.device), owners[part]] = -torch.inf  # not itself
-            ranked.append(_ranked(fused, sc.depth)[0][:, :sc.depth])
+            w, r = weights[p:p + per_chunk], at[p:p + per_chunk]
+            a = self.a[w]
+            fused = a[:, :1] * sims[0, r]
+            for m in range(1, len(sims)):
+                fused.addcmul_(a[:, m:m + 1], sims[m, r])
+            top, scores = _ranked(fused, depth)
+            ranked.append(top[:, :depth])
+            kth.append(scores[:, depth - 1])
+        owners = self.queries[queries[local]]
+        self.kth[weights, queries[local]] = torch.cat(kth)
         rel = sc._relevance(torch.cat(ranked), owners)
         self.totals.index_add_(0, weights, sc._metric_sums(rel, owners))
         sc.costs.add("fallback", self._clock() - t0, len(weights))
 
     def dense(self) -> None:
-        """Rank every pair over the whole gallery from the block's similarity rows; also measure which
-        pairs the candidates would have certified (true depth-th score above the bound)."""
+        """Rank every pair over the whole gallery from the block's similarity rows."""
         sc, depth = self.s, self.s.depth
-        sims = self._similarities(torch.arange(self.start, self.stop, device=sc.device))  # M x b x N
-        hit = torch.zeros(self.stop - self.start, dtype=torch.bool, device=sc.device)
-        t0 = self._clock()
+        sims = self.similarities()  # M x b x N
         for ws, qs in self._chunks(sc.n):
-            a = self.a[ws]
-            block = sims[:, qs.start - self.start:qs.stop - self.start]
-            m_count, rows, n = block.shape
-            fused = (a @ block.reshape(m_count, rows * n)).view(len(a), rows, n)
-            queries = torch.arange(qs.start, qs.stop, device=sc.device)
-            fused[:, queries - qs.start, queries] = -torch.inf  # not itself
+            t0 = self._clock()
+            a, part = self.a[ws], sims[:, qs]
+            m_count, rows, n = part.shape
+            fused = (a @ part.reshape(m_count, rows * n)).view(len(a), rows, n)
             top, scores = _ranked(fused, depth)
-            missed = scores[:, :, depth - 1] <= self._bound(a, qs)
-            self.uncertified_pairs += int(missed.sum())
-            hit[qs.start - self.start:qs.stop - self.start] |= missed.any(dim=0)
+            t1 = self._clock()
+            self.kth[ws, qs] = scores[:, :, depth - 1]
+            queries = self.queries[qs]
             self.totals[ws] += sc._metric_sums(sc._relevance(top[:, :, :depth], queries), queries).sum(dim=1)
-        sc.costs.add("dense", self._clock() - t0, len(self.a) * (self.stop - self.start))
-        self.queries_hit = int(hit.sum())
+            sc.costs.add("dense", t1 - t0, fused.numel())
+            sc.costs.add("pair", self._clock() - t1, len(a) * rows)
 
 
 def _ranked(fused: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:

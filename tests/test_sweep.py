@@ -123,10 +123,10 @@ def test_every_subset_is_covered_by_zero_weights():
     assert subsets == {s for s in itertools.product([False, True], repeat=3) if any(s)}
 
 
-def disagreeing_models(rng, n=240, classes=6, dims=(8, 12, 16)):
+def disagreeing_models(rng, n=300, classes=30, dims=(8, 12, 16)):
     """Models with independent class centroids and noise: their neighbour lists overlap little, so the
     candidate bound certifies some (query, weights) pairs and not others."""
-    labels = rng.integers(0, classes, size=n)
+    labels = rng.permutation(np.repeat(np.arange(classes), n // classes))
     out = []
     for d in dims:
         centres = rng.normal(size=(classes, d))
@@ -134,12 +134,22 @@ def disagreeing_models(rng, n=240, classes=6, dims=(8, 12, 16)):
     return out, labels
 
 
-class Alternating(PathCosts):
-    """Candidates on even query blocks, dense on odd ones, whatever the timings say."""
+class Cycling(PathCosts):
+    """Candidates at level 0, dense, then each deeper level, block after block, whatever the timings say."""
 
     def choose(self, pairs, rows):
         self.calls = getattr(self, "calls", -1) + 1
-        return ("candidates", "dense")[self.calls % 2]
+        options = [("candidates", 0), ("dense", 0)] + [("candidates", level) for level in range(1, len(self.widths))]
+        return options[self.calls % len(options)]
+
+
+def scorer_for(path, embeddings, labels, k, **kwargs):
+    """path "cycle" forces every path in turn, one per query block."""
+    scorer = WeightedConcatScorer(embeddings, labels, k=k, path="auto" if path == "cycle" else path, **kwargs)
+    if path == "cycle":
+        c = scorer.costs
+        scorer.costs = Cycling(gallery=c.gallery, models=c.models, widths=c.widths)
+    return scorer
 
 
 def assert_like_reference(got, embeddings, labels, weights, k, abs_tol=1e-6):
@@ -152,68 +162,67 @@ def assert_like_reference(got, embeddings, labels, weights, k, abs_tol=1e-6):
 WEIGHTS_3 = np.array([[1, 0, 0], [0, 0, 2], [1, 1, 1], [1, 3, 5], [5, 2, 1], [2, 5, 3]])
 
 
-@pytest.mark.parametrize("path", ["candidates", "dense", "mixed", "auto"])
+@pytest.mark.parametrize("path", ["candidates", "dense", "cycle", "auto"])
 def test_every_path_is_exact_on_disagreeing_models(path):
     rng = np.random.default_rng(21)
     embeddings, labels = disagreeing_models(rng)
-    scorer = WeightedConcatScorer(embeddings, labels, k=10, path="auto" if path == "mixed" else path,
-                                  extra=4, block_rows=50)
-    if path == "mixed":
-        scorer.costs = Alternating(gallery=scorer.n, width=scorer.costs.width)
+    scorer = scorer_for(path, embeddings, labels, 10, extra=4, block_rows=50)
+    assert scorer.list_depths == [14, 28, 56]  # depth 10 (k; R = 9) + 4, doubled while 3 lists fit in 300
     got = scorer.score(WEIGHTS_3)
     assert_like_reference(got, embeddings, labels, WEIGHTS_3, 10)
     pairs = len(WEIGHTS_3) * len(labels)
-    assert 0 < scorer.n_uncertified < pairs  # both certified pairs and full-gallery fallbacks ran
-    expected_blocks = {"candidates": {"candidates": 5, "dense": 0}, "dense": {"candidates": 0, "dense": 5},
-                       "mixed": {"candidates": 3, "dense": 2}}
-    if path in expected_blocks:
-        assert scorer.blocks == expected_blocks[path]
+    assert 0 < scorer.n_uncertified < pairs  # level 0 certifies some pairs, not all
+    expected = {"candidates": ({"candidates": 6, "dense": 0}, [6, 0, 0]),
+                "dense": ({"candidates": 0, "dense": 6}, [0, 0, 0]),
+                "cycle": ({"candidates": 4, "dense": 2}, [2, 1, 1])}
+    if path in expected:
+        assert (scorer.blocks, scorer.level_blocks) == expected[path]
 
 
-@pytest.mark.parametrize("path", ["candidates", "dense", "mixed"])
+@pytest.mark.parametrize("path", ["candidates", "dense", "cycle"])
 @pytest.mark.parametrize("k", [3, 60])
 def test_every_path_ranks_ties_by_index(path, k):
     """Quantised vectors: every weighted cosine is a multiple of 1/4, so topk meets real ties inside its
-    top and across its cut, duplicated rows included; k=60 reaches past the 39 others."""
+    top and across its cut, duplicated rows included; k=60 reaches the depth of the whole gallery."""
     rng = np.random.default_rng(5)
-    embeddings = [quantised_embeddings(rng, 40, d=8, duplicates=4) for _ in range(3)]
-    labels = rng.integers(0, 4, size=40)
+    embeddings = [quantised_embeddings(rng, 80, d=8, duplicates=4) for _ in range(3)]
+    labels = rng.permutation(np.repeat(np.arange(8), 10))
     labels[7] = 99  # a singleton class: excluded, never scored
     weights = np.array([[1, 0, 0], [1, 1, 1], [2, 1, 0], [1, 2, 2], [0, 1, 1]])
-    scorer = WeightedConcatScorer(embeddings, labels, k=k, path="auto" if path == "mixed" else path,
-                                  extra=0, block_rows=7)
-    if path == "mixed":
-        scorer.costs = Alternating(gallery=scorer.n, width=scorer.costs.width)
+    scorer = scorer_for(path, embeddings, labels, k, extra=0, block_rows=7)
+    assert len(scorer.list_depths) == (2 if k == 3 else 1)
     got = scorer.score(weights)
     assert {row["n_excluded"] for row in got} == {1}
     assert_like_reference(got, embeddings, labels, weights, k, abs_tol=1e-9)
 
 
-def test_the_cheaper_path_is_chosen_from_measured_costs():
-    """Hand-computed: a block of 100 queries and 1,000 pairs; a candidate pair costs 1, a full-gallery
-    pair 10, a query's similarity rows 20 (per pair: candidates 1 + u * 10, dense 10)."""
-    costs = PathCosts(gallery=1000, width=100)
-    assert costs.choose(1000, 100) == "candidates"  # nothing measured yet
-    costs.add("candidate", 1000.0, 1000)
-    costs.add("fallback", 1000.0, 100)
-    costs.add("similarity", 2000.0, 100)
-    costs.observe(100, 1000, 50, 100)  # u = 0.1, half the queries hit
-    # candidates 1000 * (1 + 0.1 * 10) + 2000 * 0.5 = 3000; dense 1000 * 10 + 2000 = 12000
-    assert costs.choose(1000, 100) == "candidates"
-    costs.observe(1000, 1000, 100, 100)  # this block: all uncertified; running u = (0.1 + 1) / 2 = 0.55
-    # candidates 1000 * (1 + 5.5) + 2000 * 0.75 = 8000 < 12000
-    assert costs.choose(1000, 100) == "candidates"
-    costs.observe(1000, 1000, 100, 100)  # u = 0.775: 1000 * 8.75 + 2000 * 0.875 = 10500 < 12000
-    assert costs.choose(1000, 100) == "candidates"
-    costs.observe(1000, 1000, 100, 100)  # u = 0.8875: 1000 * 9.875 + 2000 * 0.9375 = 11750 < 12000
-    assert costs.choose(1000, 100) == "candidates"
-    costs.observe(1000, 1000, 100, 100)  # u = 0.94375: 1000 * 10.4375 + 2000 * 0.96875 = 12375 > 12000
-    assert costs.choose(1000, 100) == "dense"
-    costs.add("dense", 1000.0, 1000)  # dense measured at 1 per pair: now far cheaper than a fallback pair
-    assert costs.choose(1000, 100) == "dense"
-    costs.observe(0, 1000, 0, 100)  # an agreeing block: u = 0.471875; 1000 * 5.71875 + 2000 * 0.484375 = 6687.5
-    # against dense 1000 + 2000 = 3000: still dense, because dense pairs cost what candidate pairs do
-    assert costs.choose(1000, 100) == "dense"
+def test_the_cheapest_path_is_chosen_from_measured_costs():
+    """Hand-computed, for a block of 100 queries and 1,000 pairs, 1,000 gallery items, 2 models and
+    100 / 200 candidates per query at levels 0 / 1. Measured: 0.01 per candidate element, 1 to score
+    a ranked pair, 10 per fallback pair (so a gallery element costs (10 - 1) / 1000 = 0.009 until
+    dense runs), 20 per query for similarity rows; building deeper lists is not measured yet, so it
+    is taken as 2 selections over the gallery per query (2 * 1000 * 0.009 = 18)."""
+    costs = PathCosts(gallery=1000, models=2, widths=[100.0, 200.0])
+    assert costs.choose(1000, 100) == ("candidates", 0)  # nothing measured yet
+    costs.add("candidate", 10.0, 1000)
+    costs.add("pair", 1000.0, 1000)
+    costs.add("fallback", 100.0, 10)
+    costs.add("similarity", 200.0, 10)
+    costs.observe([0.5, 0.05], [1.0, 0.5])
+    # level 0: 1000 * (100 * 0.01 + 1 + 0.5 * 10) + 100 * 20 * 1.0 = 9000
+    # level 1: 1000 * (200 * 0.01 + 1 + 0.05 * 10) + 100 * (20 + 18) = 7300
+    # dense: 1000 * (1000 * 0.009 + 1) + 100 * 20 = 12000
+    assert costs.predict(1000, 100) == pytest.approx({("candidates", 0): 9000, ("candidates", 1): 7300,
+                                                      ("dense", 0): 12000})
+    assert costs.choose(1000, 100) == ("candidates", 1)
+    costs.observe([0.9, 0.9], [1.0, 1.0])  # running u = [0.7, 0.475], h = [1.0, 0.75]
+    # level 0: 1000 * (1 + 1 + 7) + 2000 = 11000; level 1: 1000 * (2 + 1 + 4.75) + 3800 = 11550
+    assert costs.predict(1000, 100) == pytest.approx({("candidates", 0): 11000, ("candidates", 1): 11550,
+                                                      ("dense", 0): 12000})
+    assert costs.choose(1000, 100) == ("candidates", 0)
+    costs.add("dense", 2.0, 1000)  # measured at 0.002 per element: 1000 * (2 + 1) + 2000 = 5000
+    assert costs.predict(1000, 100)[("dense", 0)] == pytest.approx(5000)
+    assert costs.choose(1000, 100) == ("dense", 0)
 
 
 def test_unknown_path_is_a_clear_error():
