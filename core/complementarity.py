@@ -1,6 +1,7 @@
 """Which models complement each other, at a glance: per model pair, how much their neighbours and
 representations agree, how their per-query successes correlate, and what picking the better model per
-query (an oracle no fusion can beat query by query) would reach.
+query would reach: the ceiling of any method that answers each query with one of the models (a fusion
+mixes their lists, so it can pass it on some queries, rarely by much on average).
 
 Models that agree everywhere (high overlap, CKA near 1, AP correlation near 1, pair oracle barely
 above the better single model) leave an ensemble little to gain; a low-agreement pair with a high
