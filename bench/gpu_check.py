@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))  # the device machine runs from a plain copy of the tree, not an installed package
 
 
 def run_tests(out: Path) -> dict:
@@ -33,7 +32,7 @@ def time_search(n: int, device: str) -> dict:
     import numpy as np
     import torch
 
-    from bench_sweep import synthetic_models
+    from bench.bench_sweep import synthetic_models
     from core.fusion import weighted_concat
     from core.search import TorchSearch, top_k
 
@@ -50,7 +49,7 @@ def time_search(n: int, device: str) -> dict:
     return {"n": n, "dims": int(x.shape[1]), "k": 51, "exact_search_s": round(seconds, 3)}
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--n", type=int, default=50_000)
@@ -62,14 +61,15 @@ def main() -> None:
 
     import torch
 
+    from bench.bench_sweep import main as sweep_main
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                     "torch": torch.__version__}
     steps = [("tests", lambda: run_tests(out))] if not args.skip_tests else []
     steps += [("search", lambda: time_search(args.n, device)),
-              ("sweep", lambda: __import__("bench_sweep").main(
-                  ["--n", str(args.n), "--classes", str(max(1, args.n // 50)), "--naive-sample", str(args.naive_sample),
-                   "--device", device]))]
+              ("sweep", lambda: sweep_main(["--sizes", str(args.n), "--naive-sample", str(args.naive_sample),
+                                            "--device", device]))]
     for name, step in steps:
         t0 = time.perf_counter()
         try:
@@ -85,13 +85,16 @@ def main() -> None:
         print(f"| CUDA tests | {report['tests'].get('summary', report['tests'])} |")
     s = report.get("search", {})
     print(f"| exact top-51 search {s.get('n')} x {s.get('dims')}-d fp32 | {s.get('exact_search_s', s)} s |")
-    w = report.get("sweep", {})
-    if "speedup" in w:
-        print(f"| grid sweep [1..5]^4, {w['n_items']} items | {w['grid_sweep_s']} s vs naive "
-              f"{w['naive_total_s']} s ({w['speedup']}x), max diff {w['max_abs_metric_diff']:.1e} |")
-    else:
-        print(f"| grid sweep | {w} |")
+    for case in report.get("sweep", {}).get("cases", []):
+        print(f"| sweep [1..5]^4, {case.get('models')} models, {case.get('n_items')} items | {case.get('adaptive_s')} s "
+              f"vs naive {case.get('naive_total_s')} s ({case.get('speedup_adaptive_vs_naive')}x), max diff "
+              f"{case.get('max_abs_metric_diff_from_float64')} |")
+    failed = [name for name in report if isinstance(report[name], dict) and "error" in report[name]]
+    if "tests" in report and report["tests"].get("returncode"):
+        failed.append("tests")
+    print(f"\nfailed: {', '.join(failed)}" if failed else "\nall passed")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
