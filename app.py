@@ -22,6 +22,8 @@ navigation = st.navigation({
     "Evaluate": [
         st.Page(P["data"], title="Data & models", icon=":material/folder_open:", url_path="data"),
         st.Page(P["leaderboard"], title="Leaderboard", icon=":material/leaderboard:", url_path="leaderboard"),
+        st.Page(P["complementarity"], title="Complementarity", icon=":material/join_inner:",
+                url_path="complementarity"),
         st.Page(P["sweep"], title="Weight sweep", icon=":material/tune:", url_path="sweep"),
         st.Page(P["fusion"], title="Fusion heads", icon=":material/model_training:", url_path="fusion"),
     ],

@@ -11,6 +11,7 @@ import io
 import math
 import os
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
@@ -21,12 +22,12 @@ from sqlalchemy import Engine, func, select
 
 from core import db
 from core import leaderboard as lb
-from core.configs import DEFAULT_K, ConfigError, ExtractConfig, check_k, check_source, parse_names
+from core.configs import DEFAULT_K, ConfigError, ExtractConfig, JobConfig, check_k, check_source, parse_names
 from core.datasets import DEMO_SIZES, to_rgb
-from core.explorer import ap_values, changed_queries, hardest_queries
+from core.explorer import ap_values, changed_queries, hardest_queries, query_view
 from core.leaderboard import Entry
-from core.methods import Method
-from core.metrics import METRIC_KEYS, QueryScores
+from core.methods import EMBEDDING_KINDS, EXPORTABLE, KINDS, ORACLE_LABEL, Method
+from core.metrics import METRIC_KEYS, QueryScores, scores_from_relevance
 from core.models import model_info
 
 DEMO_NAMES = tuple(DEMO_SIZES)  # "demo", "demo-small": built in, opened from packaged files only
@@ -37,6 +38,7 @@ MAX_UPLOAD_BYTES = 10 * 2**20
 MAX_UPLOAD_PIXELS = 40_000_000  # checked from the header, before decoding: a 40 MP RGB image is 120 MB
 UPLOAD_FORMATS = ("PNG", "JPEG")
 SHOWN_CHARS = 80  # how much of a user's value an error message repeats
+MAX_SHOWN_K = 100  # results per method the query explorer shows at most
 
 _DIGITS = re.compile(r"[0-9]+")
 # Every ASCII punctuation character Markdown (CommonMark + GFM + Streamlit's directives) may act on.
@@ -232,13 +234,17 @@ class MethodOption(NamedTuple):
     result_id: int | None  # the stored result it came from (None: a cached model not evaluated yet)
 
 
-def method_options(entries: Sequence[Entry], cached_models: Sequence[str]) -> dict[str, MethodOption]:
+def method_options(entries: Sequence[Entry], cached_models: Sequence[str],
+                   embedding_only: bool = False) -> dict[str, MethodOption]:
     """Every method a page can show, by label: single models best first (map@k at the board's usual k),
-    then cached models not evaluated yet, then ensembles and heads best first; each label once."""
+    then cached models not evaluated yet, then ensembles, heads, rank fusions and re-rankings best first;
+    each label once. `embedding_only`: only methods with one embedding per image (what a map can draw)."""
     ks = lb.available_ks(entries)
     ordered: list[Entry] = []
     if ks:
         ordered = lb.board(entries, default_k(ks)) + [e for k in ks for e in lb.board(entries, k)]
+    if embedding_only:
+        ordered = [e for e in ordered if e.method.yields_embedding]
     singles: dict[str, MethodOption] = {}
     fused: dict[str, MethodOption] = {}
     for e in ordered:
@@ -285,6 +291,45 @@ def hardest_rows(scores: QueryScores, rows: np.ndarray, labels: np.ndarray, clas
     """The lowest-scoring queries of one method."""
     return [{"id": int(rows[p]), "class": class_names[int(labels[p])], f"AP@{k} ({method_label})": value}
             for p, value in hardest_queries(scores, metric)]
+
+
+def list_k(stored_ks: Sequence[int | None], default: int) -> int:
+    """The k the query lists compare at: the k the chosen results' per-query scores were stored at (so
+    nothing is searched again), else `default` (the page's k) when none of them kept scores. ConfigError
+    when they were stored at different k: their APs are not comparable query by query."""
+    ks = sorted({int(k) for k in stored_ks if k is not None})
+    if len(ks) > 1:
+        raise ConfigError(f"these results were scored at different k ({', '.join(map(str, ks))}), so their "
+                          "per-query AP does not compare; choose results measured at the same k")
+    return ks[0] if ks else int(default)
+
+
+class QueryTop(NamedTuple):
+    """One query's top-k under a method: eval positions best first, their cosine similarities (None for a
+    method that ranks without one similarity per result: rank fusion, query expansion) and the query's
+    AP@k (map@k convention; NaN when no other eval image shares its label)."""
+    positions: np.ndarray
+    similarities: np.ndarray | None
+    ap: float
+
+
+def query_top(method: Method, labels: np.ndarray, position: int, k: int, *, embeddings: np.ndarray | None = None,
+              ranking: np.ndarray | None = None) -> QueryTop:
+    """A query's top-k under any method: from the method's eval `embeddings` (one exact search) when it
+    has them, else from its `ranking` of every eval query (core.methods.Method.ranking: positions, best
+    first, at least k deep)."""
+    labels = np.asarray(labels)
+    if method.yields_embedding:
+        if embeddings is None:
+            raise ValueError(f"{method.label}: pass its embeddings")
+        sims, ids, ap = query_view(embeddings, labels, position, k)
+        return QueryTop(ids, sims, ap["map@k"])
+    if ranking is None:
+        raise ValueError(f"{method.label} ranks without embeddings: pass its ranking")
+    ids = np.asarray(ranking[position][:k])
+    n_relevant = np.array([int((labels == labels[position]).sum()) - 1])
+    values = scores_from_relevance((labels[ids] == labels[position])[None, :], n_relevant, k)
+    return QueryTop(ids, None, float(values["ap_at_k"][0]))
 
 
 def points_by_class(labels: np.ndarray, n_classes: int) -> list[tuple[int, np.ndarray]]:
@@ -361,14 +406,6 @@ def heatmap(table: Sequence[Mapping], row_key: str, column_key: str, metric: str
     return Heatmap(rows, columns, [[best.get((a, b), float("nan")) for b in columns] for a in rows])
 
 
-def head_rows(runs: Sequence[tuple[Any, Sequence[Entry]]]) -> list[dict]:
-    """One row per trained head: (run, its entries) pairs from core.leaderboard.run_results."""
-    return [{"run_id": run.id, "method": e.label, "models": " + ".join(e.method.models),
-             **{m: e.score(m) for m in METRIC_KEYS}, "k": e.k, "chosen on": e.selected_on,
-             "duration_s": run.duration_s, "result_id": e.result_id}
-            for run, entries in runs for e in entries]
-
-
 def done_runs(engine: Engine, fingerprint: str, kind: str) -> list[db.Run]:
     """This dataset's finished runs of `kind`, newest first."""
     return [r for r in lb.runs_for_dataset(engine, fingerprint, kind) if r.status == "done"]
@@ -418,3 +455,223 @@ def curve_points(engine: Engine, run_id: int) -> list[dict]:
     """A training run's curve (one dict per epoch: epoch, loss, val_map, eval_map), in order."""
     with db.read_session(engine) as session:
         return [dict(p.values) for p in db.curve(session, run_id)]
+
+
+def chosen_on_text(selected_on: str) -> str:
+    """How a result's parameters were chosen, as the leaderboard says it: tuned on eval is the oracle."""
+    return ORACLE_LABEL if selected_on == "eval" else selected_on
+
+
+def labelled_board(table: Sequence[Mapping]) -> list[dict]:
+    """core.leaderboard.rows with "chosen on" in words: none, train, validation, or the oracle label."""
+    return [{**r, "chosen on": chosen_on_text(r["chosen on"])} for r in table]
+
+
+# --- fusion methods: which yield an embedding, which export, how a selection went ----------------------
+
+KIND_TEXT = {
+    "single": "one model's embeddings",
+    "concat": "the models' normalised embeddings, weighted and concatenated",
+    "head": "a small network fitted on the train split over the models' embeddings (learned_ratio: learned "
+            "concat weights)",
+    "rank": "merges each model's ranked result list (rrf: reciprocal rank, max: best similarity, combsum: "
+            "summed z-scored similarities)",
+    "qe": "alpha query expansion: each query is averaged with its top-n results, then searches again",
+    "dba": "database-side augmentation: every image averaged with its top-n neighbours, then searched",
+}
+WHY_NOT_EXPORTABLE = {
+    "rank": "it merges result lists ranked against this gallery: there is no vector of a new image to export",
+    "qe": "it expands each query with its neighbours in this gallery and searches again: it ranks, it has "
+          "no vector of a new image on its own",
+    "dba": "its vector of an image is averaged with that image's neighbours in this gallery, so it depends on "
+           "the gallery and cannot embed a new image on its own",
+}
+
+
+def method_kind_rows() -> list[dict]:
+    """One row per method kind (core.methods.KINDS): what it does, whether it gives one embedding per
+    image, whether it exports as an artifact that embeds new images, and if not, why."""
+    return [{"kind": kind, "what it does": KIND_TEXT[kind], "one embedding per image": kind in EMBEDDING_KINDS,
+             "exportable": kind in EXPORTABLE, "why not exportable": WHY_NOT_EXPORTABLE.get(kind, "")}
+            for kind in KINDS]
+
+
+def why_not_exportable(method: Method) -> str | None:
+    """None for a method that exports (core.methods.Method.exportable), else the reason in one sentence."""
+    if method.exportable:
+        return None
+    return f"{method.label} does not export: {WHY_NOT_EXPORTABLE[method.kind]}."
+
+
+def selection_path(path: Mapping[str, Sequence[Mapping]] | None) -> list[dict]:
+    """A greedy selection's path (result.extra["path"]: {"greedy": [{step, weights, map@k}, ...],
+    "refined": [...]}) as plot rows: the greedy steps (1, 2, ...), then the refinement rounds counted on
+    from the last greedy step (refinement round 0 is the greedy result it starts from). map@k on train."""
+    path = path or {}
+    out = [{"phase": "greedy", "step": int(p["step"]), "map@k": float(p["map@k"]), "weights": weights_text(p["weights"])}
+           for p in path.get("greedy") or ()]
+    last = out[-1]["step"] if out else 0
+    out += [{"phase": "refined", "step": last + int(p["step"]), "map@k": float(p["map@k"]),
+             "weights": weights_text(p["weights"])} for p in path.get("refined") or ()]
+    return out
+
+
+def weights_text(values: Sequence[float]) -> str:
+    """(1, 0.5, 0) -> "1, 0.5, 0"."""
+    return ", ".join(f"{float(w):g}" for w in values)
+
+
+def result_rows(runs: Sequence[tuple[Any, Sequence[Entry]]]) -> list[dict]:
+    """One row per result of finished runs (heads, fusions, selections: (run, entries) pairs from
+    core.leaderboard.run_results): the method, its kind, how it was chosen, whether it gives one embedding
+    per image and whether it kept a greedy selection path."""
+    return [{"run_id": run.id, "method": e.label, "type": e.kind, "models": " + ".join(e.method.used_models),
+             "weights": weights_text(e.method.weights) if e.method.weights is not None else "",
+             **{m: e.score(m) for m in METRIC_KEYS}, "k": e.k, "chosen on": chosen_on_text(e.selected_on),
+             "one embedding per image": e.method.yields_embedding, "greedy path": bool(e.extra.get("path")),
+             "duration_s": run.duration_s, "result_id": e.result_id}
+            for run, entries in runs for e in entries]
+
+
+# --- model complementarity (core.complementarity, stored as a run's summary) ---------------------------
+
+PAIR_MATRICES = (
+    ("overlap@k", "Neighbour overlap: share of the top-k both models retrieve", 0.0, 1.0),
+    ("jaccard@k", "Jaccard of the two top-k lists", 0.0, 1.0),
+    ("cka", "Linear CKA: how alike the representations are", 0.0, 1.0),
+    ("ap_pearson", "Correlation of per-query AP@k (Pearson)", -1.0, 1.0),
+    ("ap_spearman", "Correlation of per-query AP@k (Spearman)", -1.0, 1.0),
+    ("oracle_pair", "Per-query oracle of the pair: mean of the better AP@k per query", None, None),
+)
+
+
+@dataclass(frozen=True)
+class PairMatrix:
+    """A models x models matrix of a complementarity summary, NaN where undefined."""
+    key: str
+    title: str
+    models: list[str]
+    z: list[list[float]]
+    zmin: float | None
+    zmax: float | None
+
+
+def pair_matrices(summary: Mapping[str, Any]) -> list[PairMatrix]:
+    """The summary's matrices (PAIR_MATRICES order) that it holds, None cells (undefined) as NaN."""
+    models = [str(m) for m in summary["models"]]
+    return [PairMatrix(key, title, models, [[float("nan") if v is None else float(v) for v in row]
+                                            for row in summary[key]], low, high)
+            for key, title, low, high in PAIR_MATRICES if key in summary]
+
+
+def complementarity_rows(summary: Mapping[str, Any]) -> list[dict]:
+    """Each model's map@k and its best partner: the pair with the highest per-query oracle."""
+    models, oracle = summary["models"], summary["oracle_pair"]
+    rows = []
+    for i, (model, value) in enumerate(zip(models, summary["map@k"])):
+        partners = [(oracle[i][j], j) for j in range(len(models)) if j != i and oracle[i][j] is not None]
+        best = max(partners, key=lambda p: (p[0], -p[1]), default=None)
+        rows.append({"model": model, "map@k": value, "best partner": models[best[1]] if best else "",
+                     "pair oracle": best[0] if best else None})
+    return rows
+
+
+def oracle_text(summary: Mapping[str, Any]) -> str:
+    """The per-query oracle in words: what choosing the right model for every query reaches, against the
+    best single model; the ceiling a fusion of these models is read against."""
+    k, best, oracle = summary.get("k"), float(summary["best_single"]), float(summary["oracle_all"])
+    gain = oracle - best
+    return (f"Upper bound: picking, for every query, the model that retrieves it best reaches map@{k} {oracle:.4f}, "
+            f"against {best:.4f} for the best single model ({gain:+.4f}, {relative_gain(gain, best):+.1f}%) over "
+            f"{summary.get('n_queries', '?')} queries. No choice of one model per query can do better. Read any "
+            "fusion of these models against this ceiling: a fusion mixes their lists and may pass it on some "
+            "queries, but one far below it leaves room, and a ceiling barely above the best single model means "
+            "these models have little to give an ensemble.")
+
+
+# --- cost-aware choice (core.leaderboard.model_costs / method_cost / pareto_front) ---------------------
+
+# Each cost core.leaderboard prices (`by`): its unit on a page and the factor from core's value to it.
+COST_UNITS = {"seconds_per_image": ("ms per image", 1000.0), "dims": ("dims", 1.0)}
+NOT_MEASURED = "not measured"
+
+
+def cost_rows(entries: Sequence[Entry], costs: Mapping[str, tuple[float | None, int]], by: str,
+              front: Sequence[Entry], metric: str = "map@k") -> list[dict]:
+    """Each entry with its cost (core.leaderboard.method_cost): its extraction time per image (summed over
+    its models; "not measured" when a model's time never was, never 0), its total dims, "cost" in the
+    unit of `by` (COST_UNITS; None when unpriced) and whether it lies on the Pareto `front`."""
+    unit, scale = COST_UNITS[by]
+    on_front = {e.result_id for e in front}
+    out = []
+    for e in entries:
+        cost = lb.method_cost(e, dict(costs))
+        seconds = cost.seconds_per_image if cost is not None else None
+        value = getattr(cost, by) if cost is not None else None
+        out.append({"method": e.label, "type": e.kind, metric: e.score(metric),
+                    "ms per image": NOT_MEASURED if seconds is None else f"{1000 * seconds:.2f}",
+                    "dims": cost.dims if cost is not None else None,
+                    "cost": None if value is None else float(value) * scale,
+                    "pareto": e.result_id in on_front, "chosen on": chosen_on_text(e.selected_on),
+                    "result_id": e.result_id})
+    return out
+
+
+def default_budget(entries: Sequence[Entry], costs: Mapping[str, tuple[float | None, int]], by: str,
+                   metric: str = "map@k") -> float | None:
+    """Where a budget starts, in the unit of `by`: what the best single model costs, so the first answer
+    reads "the best method that costs no more than our best model"; when that is not measured, the dearest
+    measured method (every priced method within). None when nothing is priced."""
+    def cost(e: Entry | None) -> float | None:
+        priced = lb.method_cost(e, dict(costs)) if e is not None else None
+        value = getattr(priced, by) if priced is not None else None
+        return float(value) * COST_UNITS[by][1] if value is not None else None
+
+    best = cost(lb.best_single(entries, metric))
+    return best if best is not None else max((c for e in entries if (c := cost(e)) is not None), default=None)
+
+
+# --- the Start page: what the runs DB already knows, without opening a dataset -------------------------
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    name: str
+    fingerprint: str
+    n_images: int
+    n_classes: int
+
+
+def dataset_facts(engine: Engine, source: str) -> DatasetFacts | None:
+    """The runs DB's row of `source` (the newest, when its files changed and it was registered again):
+    no scan of the dataset, so a page can show it while a worker reads the same files. None when the
+    dataset was never registered."""
+    with db.read_session(engine) as session:
+        row = session.scalars(select(db.Dataset).where(db.Dataset.source == source)
+                              .order_by(db.Dataset.created.desc(), db.Dataset.id.desc()).limit(1)).first()
+        return DatasetFacts(row.name, row.fingerprint, row.n_images, row.n_classes) if row is not None else None
+
+
+def queries_scored(entries: Sequence[Entry]) -> int:
+    """Eval queries behind the entries' numbers (the largest count stored with any of them; 0 if none)."""
+    return max((int(e.metrics.get("n_queries") or 0) + int(e.metrics.get("n_excluded") or 0) for e in entries),
+               default=0)
+
+
+def active_demo_jobs(active: Sequence, demo: Sequence[JobConfig]) -> list:
+    """The queued or running jobs (core.jobs.list_jobs(status=ACTIVE)) that prepare the demo: a kind of
+    `demo` (core.configs.demo_jobs()) on its dataset."""
+    kinds, datasets = {c.kind for c in demo}, {c.dataset for c in demo}
+    return [j for j in active if j.kind in kinds and isinstance(j.params, dict) and j.params.get("dataset") in datasets]
+
+
+# --- export -------------------------------------------------------------------------------------------
+
+def zip_folder(folder: str | os.PathLike) -> bytes:
+    """An exported artifact folder (core.export) as one zip for a download, paths relative to its parent
+    so it unpacks to the folder itself."""
+    folder = Path(folder)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            archive.write(path, path.relative_to(folder.parent).as_posix())
+    return out.getvalue()

@@ -18,7 +18,7 @@ from core import leaderboard as lb
 from core.datasets import PROTOCOL_SPLIT, ImageSet, open_dataset
 from core.explorer import cached_arrays, query_scores
 from core.methods import Method
-from core.metrics import QueryScores
+from core.metrics import QueryScores, depth_needed, query_scores_from_ranking, relevant_counts
 from core.projection import project, sample_positions
 from core.scores import load_query_scores
 from core.thumbnails import thumbnail_path
@@ -49,9 +49,11 @@ def eval_rows(imageset: ImageSet, protocol: str = "image") -> np.ndarray:
     return imageset.protocol_rows(protocol)[1]
 
 
-def entries(imageset: ImageSet, protocol: str = "image") -> list[lb.Entry]:
-    """core.leaderboard.entries_for_dataset: every stored result on this dataset under `protocol`."""
-    return lb.entries_for_dataset(state.engine(), imageset.fingerprint, PROTOCOL_SPLIT[protocol])
+def entries(imageset: ImageSet | str, protocol: str = "image") -> list[lb.Entry]:
+    """core.leaderboard.entries_for_dataset: every stored result on this dataset (an opened one, or its
+    fingerprint: no scan) under `protocol`."""
+    fingerprint = imageset if isinstance(imageset, str) else imageset.fingerprint
+    return lb.entries_for_dataset(state.engine(), fingerprint, PROTOCOL_SPLIT[protocol])
 
 
 def cached_models(imageset: ImageSet) -> list[str]:
@@ -85,21 +87,76 @@ def method_embeddings(imageset: ImageSet, method: Method, protocol: str = "image
     return _method_embeddings(_key(imageset, method, protocol), imageset, method, protocol)
 
 
+@st.cache_resource(show_spinner="Ranking every query ...", max_entries=4)  # 50k x 100 positions = 40 MB
+def _method_ranking(key: str, depth: int, _imageset: ImageSet, _method: Method, protocol: str) -> np.ndarray:
+    arrays = cached_arrays(state.embedding_cache(), _imageset, list(_method.used_models))
+    return _method.ranking(arrays, eval_rows(_imageset, protocol), depth)
+
+
+def method_ranking(imageset: ImageSet, method: Method, depth: int, protocol: str = "image") -> np.ndarray:
+    """core.methods.Method.ranking of every eval query, `depth` deep: how a method without one embedding
+    per image (rank fusion, query expansion) answers."""
+    return _method_ranking(_key(imageset, method, protocol), int(depth), imageset, method, protocol)
+
+
+def query_top(imageset: ImageSet, method: Method, position: int, k: int) -> views.QueryTop:
+    """core.views.query_top from the method's cached embeddings, or for a method without them from its
+    cached ranking (views.MAX_SHOWN_K deep, so every k the explorer offers reads the same one)."""
+    if method.yields_embedding:
+        return views.query_top(method, _eval_labels(imageset), position, k,
+                               embeddings=method_embeddings(imageset, method))
+    ranking = method_ranking(imageset, method, min(views.MAX_SHOWN_K, len(eval_rows(imageset)) - 1))
+    return views.query_top(method, _eval_labels(imageset), position, k, ranking=ranking)
+
+
+def _eval_labels(imageset: ImageSet, protocol: str = "image") -> np.ndarray:
+    return imageset.labels[eval_rows(imageset, protocol)]
+
+
 @st.cache_resource(show_spinner="Scoring every query ...", max_entries=24)
 def _method_scores(key: str, k: int, _imageset: ImageSet, _method: Method, protocol: str) -> QueryScores:
-    labels = _imageset.labels[eval_rows(_imageset, protocol)]
-    return query_scores(method_embeddings(_imageset, _method, protocol), labels, k)
+    labels = _eval_labels(_imageset, protocol)
+    if _method.yields_embedding:
+        return query_scores(method_embeddings(_imageset, _method, protocol), labels, k)
+    depth = depth_needed(relevant_counts(labels), k, len(labels) - 1)
+    return query_scores_from_ranking(method_ranking(_imageset, _method, depth, protocol), labels, k)
+
+
+def stored_scores(imageset: ImageSet, result_id: int | None, protocol: str = "image") -> QueryScores | None:
+    """The per-query scores kept with a result (core.scores), when they cover this eval split."""
+    if result_id is None:
+        return None
+    stored = load_query_scores(state.workspace(), result_id)
+    return stored if stored is not None and len(stored.n_relevant) == len(eval_rows(imageset, protocol)) else None
 
 
 def method_scores(imageset: ImageSet, method: Method, k: int, result_id: int | None = None,
                   protocol: str = "image") -> QueryScores:
     """Per-query AP of every query: the scores stored with `result_id` when they are at this k
-    (core.scores), else one full evaluation here (core.explorer.query_scores, once per process)."""
-    if result_id is not None:
-        stored = load_query_scores(state.workspace(), result_id)
-        if stored is not None and stored.k == k and len(stored.n_relevant) == len(eval_rows(imageset, protocol)):
-            return stored
+    (core.scores), else one full evaluation here (once per process)."""
+    stored = stored_scores(imageset, result_id, protocol)
+    if stored is not None and stored.k == k:
+        return stored
     return _method_scores(_key(imageset, method, protocol), int(k), imageset, method, protocol)
+
+
+def list_scores(imageset: ImageSet, picked: Sequence[views.MethodOption], k: int
+                ) -> tuple[list[QueryScores], int, list[str]]:
+    """Per-query scores of the picked methods for the explorer's lists: the stored ones, at the k they were
+    stored at (core.views.list_k: nothing is searched for a stored result), and only methods without
+    stored scores (a cached model not evaluated yet) scored here at that k. Also, per method, where its
+    scores came from."""
+    stored = [stored_scores(imageset, o.result_id) for o in picked]
+    at = views.list_k([s.k if s is not None else None for s in stored], k)
+    out, origin = [], []
+    for option, kept in zip(picked, stored):
+        if kept is not None and kept.k == at:
+            out.append(kept)
+            origin.append(f"stored with result {option.result_id}")
+        else:
+            out.append(_method_scores(_key(imageset, option.method, "image"), at, imageset, option.method, "image"))
+            origin.append("computed here")
+    return out, at, origin
 
 
 @st.cache_resource(show_spinner="Projecting to 2-D ...", max_entries=8)
@@ -131,10 +188,13 @@ def _headline(key: tuple, _entries: Sequence[lb.Entry], k: int, metric: str, roo
     return lb.headline(_entries, k, metric, Workspace.open(root))
 
 
-def headline(entries: Sequence[lb.Entry], k: int, metric: str = "map@k") -> lb.Headline:
-    """core.leaderboard.headline with each gain's paired interval; recomputed only when the best single
-    model, ensemble or oracle changes (stored per-query scores never change for a result)."""
+def headline(entries: Sequence[lb.Entry], k: int, metric: str = "map@k", intervals: bool = True) -> lb.Headline:
+    """core.leaderboard.headline with each gain's paired interval (unless `intervals` is False: instant);
+    recomputed only when the best single model, ensemble or oracle changes (stored per-query scores never
+    change for a result)."""
     quick = lb.headline(entries, k, metric)
+    if not intervals:
+        return quick
     chosen = _ids([quick.best_single, quick.best_ensemble, quick.best_oracle])
     return _headline((chosen, k, metric), entries, k, metric, str(state.workspace().root))
 

@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-from core.views import Heatmap, plot_text
+from core.views import COST_UNITS, Heatmap, PairMatrix, plot_text
 
 SINGLE, ENSEMBLE, REFERENCE = "#9e9e9e", "#1f77b4", "#616161"
 
@@ -103,3 +103,46 @@ def embedding_map(groups, coords: np.ndarray, ids: np.ndarray, class_names: Sequ
     figure.update_layout(height=600, title=plot_text(title), legend={"itemsizing": "constant"}, dragmode="select",
                          margin={"l": 10, "r": 10, "t": 40, "b": 10})
     return figure
+
+
+def pareto(rows: Sequence[Mapping], metric: str, k: int, by: str) -> go.Figure:
+    """Each priced method (core.views.cost_rows) at its cost and `metric`, single models grey, ensembles
+    blue, and the Pareto front (nothing both cheaper and better) as a line through its members."""
+    unit = COST_UNITS[by][0]
+    priced = [r for r in rows if r["cost"] is not None]
+    front = sorted((r for r in priced if r["pareto"]), key=lambda r: r["cost"])
+    figure = go.Figure(go.Scatter(
+        x=[r["cost"] for r in priced], y=[r[metric] for r in priced], mode="markers", name="method",
+        marker={"size": 10, "color": [SINGLE if r["type"] == "single" else ENSEMBLE for r in priced]},
+        text=[plot_text(r["method"]) for r in priced], hovertemplate=f"%{{text}}<br>%{{x:.4g}} {unit}<br>"
+                                                                   f"{metric} %{{y:.4f}}<extra></extra>"))
+    figure.add_trace(go.Scatter(x=[r["cost"] for r in front], y=[r[metric] for r in front], mode="lines+text",
+                                name="Pareto front", line={"dash": "dot", "color": REFERENCE}, textposition="top left",
+                                text=[plot_text(r["method"]) for r in front], hoverinfo="skip"))
+    return figure.update_layout(title=f"{metric} (k={k}) against cost: {unit}", xaxis_title=unit, yaxis_title=metric,
+                                height=420, showlegend=False, margin={"l": 10, "r": 10, "t": 40, "b": 10})
+
+
+def pair_matrix(matrix: PairMatrix) -> go.Figure:
+    """A models x models complementarity matrix with its values written in the cells; undefined cells blank."""
+    names = [plot_text(m) for m in matrix.models]
+    labels = [[f"{v:.3f}" if v == v else "" for v in row] for row in matrix.z]
+    figure = go.Figure(go.Heatmap(z=matrix.z, x=names, y=names, text=labels, texttemplate="%{text}",
+                                  colorscale="Viridis", zmin=matrix.zmin, zmax=matrix.zmax))
+    return figure.update_layout(title=plot_text(matrix.title), height=200 + 40 * len(names),
+                                xaxis={"type": "category"}, yaxis={"type": "category", "autorange": "reversed"},
+                                margin={"l": 10, "r": 10, "t": 40, "b": 10})
+
+
+def selection_path(points: Sequence[Mapping]) -> go.Figure:
+    """map@k on train at each greedy step and refinement round (core.views.selection_path)."""
+    figure = go.Figure()
+    for phase, dash in (("greedy", "solid"), ("refined", "dot")):
+        part = [p for p in points if p["phase"] == phase]
+        if part:
+            figure.add_trace(go.Scatter(x=[p["step"] for p in part], y=[p["map@k"] for p in part], name=phase,
+                                        mode="lines+markers", line={"dash": dash}, text=[p["weights"] for p in part],
+                                        hovertemplate="step %{x}: map@k %{y:.4f}<br>weights %{text}<extra></extra>"))
+    return figure.update_layout(title="Greedy selection on train: map@k after each step, then refinement",
+                                xaxis_title="step", yaxis_title="map@k (train)", height=340,
+                                margin={"l": 10, "r": 10, "t": 40, "b": 10}, legend={"orientation": "h"})

@@ -27,7 +27,8 @@ def picked_points(imageset, points: list[dict], source: str) -> None:
 with widgets.guarded():
     imageset, source = widgets.require_imageset()
     rows = cached.eval_rows(imageset)
-    options = views.method_options(cached.entries(imageset), cached.cached_models(imageset))
+    # Rank fusions and query expansion rank without one embedding per image: nothing to project.
+    options = views.method_options(cached.entries(imageset), cached.cached_models(imageset), embedding_only=True)
     widgets.require_models(list(options))
     cols = st.columns([3, 1, 1])
     name = cols[0].selectbox("Embedding", list(options), key="map:method")

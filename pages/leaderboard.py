@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -9,6 +10,7 @@ import streamlit as st
 from core import configs, views
 from core import leaderboard as lb
 from core.explorer import per_class_difference
+from core.export import export_result
 from core.datasets import PROTOCOLS
 from core.methods import ORACLE_LABEL
 from core.metrics import METRIC_KEYS, METRICS
@@ -65,20 +67,72 @@ def methods_table(imageset, source: str, board: list[lb.Entry], best: lb.Entry |
     st.subheader(f"All methods at k={k}")
     intervals = st.toggle("Paired 95 % interval and p-value of each gain (bootstrap over the queries; computed "
                           "once, slow on large eval sets)", key="lb:intervals")
-    table = cached.board_rows(board, metric, intervals)
-    st.caption(f"'chosen on' says how each method's weights were picked. 'eval': {ORACLE_LABEL}, as the reference "
+    table = views.labelled_board(cached.board_rows(board, metric, intervals))
+    st.caption(f"'chosen on' says how each method's parameters were picked: '{ORACLE_LABEL}' as the reference "
                "study did; 'train': chosen on the train split; 'validation': a head fitted on train and stopped on a "
-               "validation part of it.")
+               "validation part of it; 'none': nothing tuned (a single model, rank fusion rrf/max/combsum, query "
+               "expansion qe, database augmentation dba). Select a row to explore its queries or export it.")
     columns = [c for c in lb.COLUMNS if intervals or c not in ("gain 95% CI", "p")]
     picked = st.dataframe(pd.DataFrame(table, columns=columns), hide_index=True, key="lb:table", on_select="rerun",
                           selection_mode="single-row", column_config=COLUMNS)
     if picked and picked.selection.rows:
-        row = table[picked.selection.rows[0]]
+        row, chosen = table[picked.selection.rows[0]], board[picked.selection.rows[0]]
         ids = [row["result_id"]] + ([best.result_id] if best and best.result_id != row["result_id"] else [])
         st.page_link(state.PAGES["explorer"], label=f"Explore queries: {views.md(row['method'])} vs best single",
                      icon=":material/image_search:", query_params={"methods": ",".join(map(str, ids)), "dataset": source})
+        export(chosen)
     widgets.download_buttons(table, f"leaderboard-{imageset.name}-k{k}", "lb:export")
     st.plotly_chart(charts.board_bars(table[:20], metric, k, best.score(metric) if best else None), key="lb:bar")
+
+
+def export(entry: lb.Entry) -> None:
+    """The selected method as an artifact folder that embeds new images (core.export), offered as a zip;
+    a method that ranks against this gallery gets a sentence why it cannot be exported instead."""
+    reason = views.why_not_exportable(entry.method)
+    if reason:
+        st.caption(views.md(reason))
+        return
+    kept = f"lb:exported:{entry.result_id}"
+    if st.button("Export as an artifact", key="lb:export_artifact", icon=":material/ios_share:",
+                 help="A folder (manifest + weights) that `python -m core embed` uses to embed new images"):
+        folder = state.workspace().folder("exports") / f"result-{entry.result_id}"
+        st.session_state[kept] = str(export_result(state.engine(), entry.result_id, folder))
+    if kept in st.session_state:
+        folder = Path(st.session_state[kept])
+        st.success(f"Exported to {views.md(folder)}. Embed new images with it: `python -m core embed <folder> "
+                   "<image> ... --out vectors.npy`")
+        st.download_button("Download the artifact (zip)", views.zip_folder(folder), f"{folder.name}.zip",
+                           "application/zip", key="lb:export_zip", icon=":material/download:")
+
+
+def costs(imageset, board: list[lb.Entry], k: int, metric: str) -> None:
+    """map@k against cost (core.leaderboard.pareto_front) and the best method within a budget
+    (core.leaderboard.best_under_budget); a model whose time was never measured is 'not measured'."""
+    st.subheader("Cost: the best method for what it costs")
+    prices = lb.model_costs(state.engine(), imageset.fingerprint)
+    by = st.segmented_control("Cost", list(views.COST_UNITS), default="seconds_per_image", key="lb:cost_by",
+                              format_func=lambda b: views.COST_UNITS[b][0]) or "seconds_per_image"
+    unit, scale = views.COST_UNITS[by]
+    table = views.cost_rows(board, prices, by, lb.pareto_front(board, prices, metric, by), metric)
+    st.plotly_chart(charts.pareto(table, metric, k, by), key="lb:pareto")
+    unpriced = [r["method"] for r in table if r["cost"] is None]
+    if unpriced:
+        st.caption(views.md(f"Not on the plot ({views.NOT_MEASURED}: extraction time never recorded, or the "
+                            f"embeddings are not in this workspace): {', '.join(unpriced)}"))
+    start = views.default_budget(board, prices, by, metric)
+    budget = st.number_input(f"Budget ({unit})", min_value=0.0, value=start if start is not None else 0.0,
+                             format="%.4g", key=f"lb:budget:{by}",
+                             help="Starts at what the best single model costs (when that was measured)")
+    found = lb.best_under_budget(board, prices, budget / scale, metric, by)
+    if found is None:
+        st.info(f"No method with a measured cost within {budget:.4g} {unit}.")
+    else:
+        cost = next(r for r in table if r["result_id"] == found.result_id)
+        st.success(f"Best within {budget:.4g} {unit}: **{views.md(found.label)}**, {metric} {found.score(metric):.4f} "
+                   f"at {cost['cost']:.4g} {unit} (chosen on {views.md(views.chosen_on_text(found.selected_on))})")
+    with st.expander("Cost of every method"):
+        st.dataframe(pd.DataFrame(table).drop(columns=["cost"]), hide_index=True, key="lb:cost_table",
+                     column_config={metric: NUMBER})
 
 
 def by_size(entries: list[lb.Entry], k: int, metric: str) -> None:
@@ -118,17 +172,18 @@ with widgets.guarded():
         st.info("No results on this dataset yet. Evaluate the cached models (queued as a job), or prepare the "
                 "offline demo on the Start page.")
         evaluate_form(imageset, source, "lb:evaluate_empty")
-        widgets.show_jobs(kinds=("evaluate", "extract", "sweep"), key="lb:jobs")
+        widgets.show_jobs(kinds=widgets.RESULT_KINDS, key="lb:jobs")
         st.stop()
 
     board = lb.board(entries, k, metric)
     best = lb.best_single(board, metric)
     widgets.headline(cached.headline(entries, k, metric))
     methods_table(imageset, source, board, best, k, metric)
+    costs(imageset, board, k, metric)
     by_size(entries, k, metric)
     st.subheader("Per-class AP: compare two entries")
     with widgets.guarded():
         per_class(imageset, board, best, k, metric, protocol)
     with st.expander("Evaluate models at another k"):
         evaluate_form(imageset, source, "lb:evaluate", default_k=k)
-    widgets.show_jobs(kinds=("evaluate", "extract", "sweep"), key="lb:jobs")
+    widgets.show_jobs(kinds=widgets.RESULT_KINDS, key="lb:jobs")

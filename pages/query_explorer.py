@@ -1,4 +1,8 @@
-"""Query explorer: one query, its top-k under two to four methods side by side, hits and misses marked."""
+"""Query explorer: one query, its top-k under two to four methods side by side, hits and misses marked.
+
+Any stored method can be shown: those with one embedding per image search with it; rank fusions and query
+expansion show their own ranking (no similarity). The query lists read the per-query scores stored with
+each result, so choosing a list never searches the eval set again."""
 from __future__ import annotations
 
 from functools import partial
@@ -8,12 +12,12 @@ import pandas as pd
 import streamlit as st
 
 from core import explorer, views
+from core.explorer import per_class_difference
 from pages import cached, state, widgets
 
 st.title("Query explorer")
 GRID = 24
-MAX_K = 100
-WAYS = ["thumbnail", "id", "ensemble fixed", "ensemble broke", "hardest"]
+WAYS = ["thumbnail", "id", "ensemble fixed", "ensemble broke", "hardest", "per class"]
 
 
 def set_query(row: int) -> None:
@@ -26,8 +30,8 @@ def choose_methods(options: dict) -> tuple[list[str], int]:
     cols = st.columns([4, 1])
     chosen = cols[0].multiselect("Methods (two to four)", list(options), default=views.default_methods(options, wanted),
                                  max_selections=4, key="explorer:methods")
-    k = int(cols[1].number_input("k", 1, MAX_K, state.url_value("k", partial(views.parse_k, most=MAX_K), 10),
-                                 key="explorer:k"))
+    k = int(cols[1].number_input("k", 1, views.MAX_SHOWN_K, state.url_value(
+        "k", partial(views.parse_k, most=views.MAX_SHOWN_K), 10), key="explorer:k"))
     state.remember("k", k)
     ids = [str(options[name].result_id) for name in chosen if options[name].result_id is not None]
     if chosen and len(ids) == len(chosen):  # methods with a stored result survive a reload through the URL
@@ -52,25 +56,25 @@ def thumbnails(imageset, rows: np.ndarray, labels: np.ndarray) -> None:
 
 
 def query_list(how: str, imageset, rows, labels, picked: list, chosen: list[str], k: int, query: int | None) -> None:
-    """Queries the first ensemble fixed or broke against the first single model, or the hardest ones
-    (views.changed_rows / views.hardest_rows over per-query scores: stored with the result, or computed once)."""
+    """Queries the first ensemble fixed or broke against the first single model, the hardest ones, or AP per
+    class (core.views over the per-query scores stored with each result: cached.list_scores)."""
     single, fused = views.single_and_fused([o.method for o in picked])
-    names = imageset.class_names
-
-    def scores(i: int):
-        return cached.method_scores(imageset, picked[i].method, k, picked[i].result_id)
-
-    if how == "hardest":
-        base = fused if fused is not None else 0
-        table = views.hardest_rows(scores(base), rows, labels, names, k, chosen[base])
-    elif single is None or fused is None:
+    shown = [fused if fused is not None else 0] if how == "hardest" else [fused, single]
+    if None in shown:
         st.info("Choose one single model and one ensemble (or head) to see where the ensemble fixed or broke queries.")
         return
+    scores, at, origin = cached.list_scores(imageset, [picked[i] for i in shown], k)
+    st.caption(" · ".join(f"{views.md(chosen[i])}: AP@{at} {where}" for i, where in zip(shown, origin)))
+    names = imageset.class_names
+    if how == "per class":
+        table = per_class_difference(scores[1], scores[0], labels, names)
+        st.caption(f"A: {views.md(chosen[single])} · B: {views.md(chosen[fused])} · biggest gain first")
+        st.dataframe(pd.DataFrame(table), hide_index=True, key="explorer:per_class")
+        return
+    if how == "hardest":
+        table = views.hardest_rows(scores[0], rows, labels, names, at, chosen[shown[0]])
     else:
-        table = views.changed_rows(scores(fused), scores(single), rows, labels, names, k,
-                                   improved=how == "ensemble fixed")
-        st.caption(f"Single: {views.md(chosen[single])} · ensemble: {views.md(chosen[fused])} · {len(table)} queries "
-                   "shown (most changed first)")
+        table = views.changed_rows(scores[0], scores[1], rows, labels, names, at, improved=how == "ensemble fixed")
     if not table:
         st.info("No query to list.")
         return
@@ -81,10 +85,10 @@ def query_list(how: str, imageset, rows, labels, picked: list, chosen: list[str]
         st.rerun()
 
 
-def results_row(imageset, rows, labels, label: str, k: int, sims, positions, ap: float | None,
-                query_label: int | None) -> None:
-    st.markdown(f"**{views.md(label)}**" + (f" — AP@{k} {ap:.3f}" if ap is not None and ap == ap else ""))
-    for cell, sim, position in zip(st.columns(len(positions) or 1), sims, positions):
+def results_row(imageset, rows, labels, label: str, k: int, top: views.QueryTop, query_label: int | None) -> None:
+    st.markdown(f"**{views.md(label)}**" + (f" — AP@{k} {top.ap:.3f}" if top.ap == top.ap else ""))
+    sims = top.similarities if top.similarities is not None else [None] * len(top.positions)
+    for rank, (cell, sim, position) in enumerate(zip(st.columns(len(top.positions) or 1), sims, top.positions), 1):
         hit = query_label is not None and labels[position] == query_label
         mark = "" if query_label is None else (":green[**✓**] " if hit else ":red[**✗**] ")
         with cell:
@@ -92,7 +96,8 @@ def results_row(imageset, rows, labels, label: str, k: int, sims, positions, ap:
             if path:
                 st.image(path, width="stretch")
             # Two short lines ("✓ 0.831", "#5 T-shirt/top"): ten results share the width.
-            st.caption(f"{mark}{sim:.3f}  \n#{rows[position]} {views.md(imageset.class_names[labels[position]])}")
+            score = f"{sim:.3f}" if sim is not None else f"rank {rank}"
+            st.caption(f"{mark}{score}  \n#{rows[position]} {views.md(imageset.class_names[labels[position]])}")
 
 
 def search_with_upload(imageset, rows, labels, data: bytes, chosen, methods, k: int) -> None:
@@ -100,23 +105,28 @@ def search_with_upload(imageset, rows, labels, data: bytes, chosen, methods, k: 
     image = views.open_upload(data)  # refused before decoding when too large; never written to disk
     st.image(image, width=128)
     for label, method in zip(chosen, methods):
+        if not method.exportable:  # it ranks against this gallery: nothing embeds a new image on its own
+            st.markdown(f"**{views.md(label)}**")
+            st.caption(views.md(views.why_not_exportable(method)))
+            continue
         vector = explorer.embed_image(image, method, {name: cached.loaded_model(name) for name in method.models})
         sims, found = explorer.search(cached.method_embeddings(imageset, method), vector, k)
-        results_row(imageset, rows, labels, label, k, sims, found, None, None)
+        results_row(imageset, rows, labels, label, k, views.QueryTop(found, sims, float("nan")), None)
 
 
 def show_query(imageset, rows, labels, query: int, position: int, chosen, methods, k: int) -> None:
-    """The query image and, per method, its top-k from one search (core.explorer.query_view) with its AP@k."""
+    """The query image and, per method, its top-k (core.views.query_top: one search, or the method's own
+    ranking) with its AP@k."""
     st.subheader(f"Query #{query}: {views.md(imageset.class_names[labels[position]])}")
     cols = st.columns([1, 5])
     path = cached.thumb(imageset, query, 128)
     if path:
         cols[0].image(path, width=112)
     cols[1].caption(f"{views.md(imageset.paths[query])}\n\n:green[**✓**] hit (same label) · :red[**✗**] miss (other "
-                    "label) · number = cosine similarity · #id = image id, then its class")
+                    "label) · number = cosine similarity (a rank fusion or query expansion shows the rank: it merges "
+                    "lists, no one similarity) · #id = image id, then its class")
     for label, method in zip(chosen, methods):
-        sims, found, ap = explorer.query_view(cached.method_embeddings(imageset, method), labels, position, k)
-        results_row(imageset, rows, labels, label, k, sims, found, ap["map@k"], labels[position])
+        results_row(imageset, rows, labels, label, k, cached.query_top(imageset, method, position, k), labels[position])
 
 
 def eval_position(rows: np.ndarray, query: int) -> int | None:

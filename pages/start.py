@@ -1,4 +1,7 @@
-"""Start: what this app answers, the answer so far on the current dataset, and the offline demo in one click."""
+"""Start: what this app answers, the answer so far on the current dataset, and the offline demo in one click.
+
+Start draws in about a second whatever the worker is doing: it reads the runs DB only and never opens (scans)
+a dataset."""
 from __future__ import annotations
 
 import streamlit as st
@@ -28,19 +31,47 @@ DEMO_TEXT = (
     "and a fusion head (the honest ensembles), makes the demo the current dataset, and starts a worker if none is "
     "running. Extraction (4,000 images x 4 models) takes a minute or two on a GPU and can take an hour on a small "
     "CPU; progress shows below, and every page works as soon as it is done.")
+INSTANT_INTERVALS_UP_TO = 2_000  # eval queries: the headline's two paired bootstraps take well under a second
 
 
 def answer_so_far(source: str) -> None:
-    """The headline (core.leaderboard.headline) on the current dataset at its usual k."""
-    imageset = cached.imageset(source)
-    entries = cached.entries(imageset)
-    k = views.default_k(lb.available_ks(entries))
-    if k is None:
+    """The headline (core.leaderboard.headline) on the current dataset at its usual k, from the runs DB alone:
+    the dataset is never opened here (a worker may be reading the same files), so Start draws at once. Paired
+    intervals come with it while they are quick to compute, else on request (then kept for the process)."""
+    facts = views.dataset_facts(state.engine(), source)
+    if facts is None:
         return
-    st.subheader(f"So far on {views.md(imageset.name)} (map@k, k={k})")
-    widgets.headline(cached.headline(entries, k))
+    entries = cached.entries(facts.fingerprint)
+    k = views.default_k(lb.available_ks(entries))
+    known = f"{views.md(facts.name)}: {facts.n_images:,} images, {facts.n_classes:,} classes"
+    if k is None:
+        st.caption(f"{known}. No results yet: they appear here as soon as the first evaluation finishes.")
+        return
+    st.subheader(f"So far on {views.md(facts.name)} (map@k, k={k})")
+    n = views.queries_scored(entries)
+    intervals = n <= INSTANT_INTERVALS_UP_TO or st.toggle(
+        f"Paired 95 % intervals of the gains (a bootstrap over {n:,} queries: seconds, once)", key="start:intervals")
+    widgets.headline(cached.headline(entries, k, intervals=intervals), intervals=intervals)
+    st.caption(f"{known} · {n:,} eval queries")
     st.page_link(state.PAGES["leaderboard"], label="See the full leaderboard", icon=":material/leaderboard:",
                  query_params={"dataset": source})
+
+
+def offer_demo(engine) -> None:
+    """One click queues the demo's jobs, unless they are queued or running already (then: where they are)."""
+    preparing = views.active_demo_jobs(jobs.list_jobs(engine, status=jobs.ACTIVE, limit=200), configs.demo_jobs())
+    if preparing:
+        ids = ", ".join(str(j.id) for j in reversed(preparing))
+        st.info(f"The demo is being prepared: job(s) {ids} queued or running. Progress shows below; each page fills "
+                "in as its results arrive.", icon=":material/hourglass_top:")
+        return
+    if st.button("Prepare the offline demo", key="start:demo", type="primary", icon=":material/rocket_launch:"):
+        if not jobs.worker_alive(engine):
+            state.start_worker()
+        queued = [config.submit(engine) for config in configs.demo_jobs()]
+        state.set_source(configs.DEMO_SOURCE)
+        st.success(f"Demo queued (jobs {', '.join(str(j.id) for j in queued)}). Progress shows below; "
+                   "you can leave this page.")
 
 
 with widgets.guarded():
@@ -51,7 +82,7 @@ with widgets.guarded():
     if problem:
         st.error(views.md(problem), icon=":material/block:")
     if source and n_runs:
-        with widgets.guarded():  # a dataset that no longer opens: the Data page says why; Start stays a start page
+        with widgets.guarded():  # whatever fails in the answer so far, Start stays a start page
             answer_so_far(source)
 
     other = bool(source) and source != configs.DEMO_SOURCE
@@ -60,13 +91,7 @@ with widgets.guarded():
         if not other:
             st.subheader("Try it offline")
         st.write(DEMO_TEXT)
-        if st.button("Prepare the offline demo", key="start:demo", type="primary", icon=":material/rocket_launch:"):
-            if not jobs.worker_alive(engine):
-                state.start_worker()
-            queued = [config.submit(engine) for config in configs.demo_jobs()]
-            state.set_source(configs.DEMO_SOURCE)
-            st.success(f"Demo queued (jobs {', '.join(str(j.id) for j in queued)}). Progress shows below; "
-                       "you can leave this page.")
+        offer_demo(engine)
     widgets.show_jobs(key="start:jobs")
 
     if n_runs:

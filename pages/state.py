@@ -25,6 +25,7 @@ PAGES = {
     "start": "pages/start.py",
     "data": "pages/data.py",
     "leaderboard": "pages/leaderboard.py",
+    "complementarity": "pages/complementarity.py",
     "sweep": "pages/sweep.py",
     "fusion": "pages/fusion.py",
     "explorer": "pages/query_explorer.py",

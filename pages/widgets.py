@@ -28,6 +28,8 @@ POLL_SECONDS = 2.0
 # the panel, and a rerun can close a dropdown the user is opening.
 IDLE_POLL_SECONDS = 10.0
 FAILURES_SHOWN_FOR_H = 6  # a failed job is announced on the pages for this long, then only on Runs
+FUSION_KINDS = ("fuse", "select_weights", "train_head")  # the jobs the Fusion page submits
+RESULT_KINDS = ("extract", "evaluate", "sweep", *FUSION_KINDS)  # the jobs that add rows to the leaderboard
 
 
 # --- errors -------------------------------------------------------------------------------------------
@@ -137,10 +139,10 @@ def download_buttons(table: list[dict], name: str, key: str) -> None:
                             key=f"{key}:md", icon=":material/download:")
 
 
-def headline(h: Headline) -> None:
+def headline(h: Headline, intervals: bool = True) -> None:
     """core.leaderboard.headline drawn: the best single model, the best ensemble chosen without the eval
-    split with its gain and paired interval, and beside it the best one tuned on eval, always labelled as
-    the oracle."""
+    split with its gain and paired interval (unless `intervals` is False: not computed), and beside it the
+    best one tuned on eval, always labelled as the oracle."""
     cols = st.columns(3)
     if h.best_single is None:
         st.warning(f"No single model evaluated at k={h.k}, so no gain can be computed: evaluate the models.")
@@ -153,7 +155,8 @@ def headline(h: Headline) -> None:
         cols[1].metric("Best ensemble (chosen without eval)", f"{h.best_ensemble.score(h.metric):.4f}",
                        f"{gain:+.4f} ({views.relative_gain(gain, base):+.1f}%)",
                        help=f"{views.md(h.best_ensemble.label)}, chosen on {h.best_ensemble.selected_on}")
-        cols[1].caption(views.md(f"{h.best_ensemble.label} · {views.interval_text(h.ensemble_vs_single)}"))
+        cols[1].caption(views.md(h.best_ensemble.label + (f" · {views.interval_text(h.ensemble_vs_single)}"
+                                                          if intervals else "")))
     else:
         cols[1].info("No ensemble chosen without the eval split yet: choose weights on train (Weight sweep page) "
                      "or train a fusion head. Sweep weights are tuned on eval: they count only as the oracle.")
@@ -163,4 +166,5 @@ def headline(h: Headline) -> None:
                        f"{gain:+.4f} ({views.relative_gain(gain, base):+.1f}%)",
                        help="weights tuned on the eval split it is scored on, so this overstates what the "
                             "ensemble does on new data")
-        cols[2].caption(views.md(f"{h.best_oracle.label} · {views.interval_text(h.oracle_vs_single)}"))
+        cols[2].caption(views.md(h.best_oracle.label + (f" · {views.interval_text(h.oracle_vs_single)}"
+                                                        if intervals else "")))

@@ -10,6 +10,7 @@ import base64
 import csv
 import json
 import re
+import shutil
 import struct
 import sys
 import zlib
@@ -35,7 +36,8 @@ TIMEOUT = 60
 @pytest.fixture(scope="session")
 def seeded(tmp_path_factory):
     """A workspace with a 3-class manifest dataset (4 eval + 4 train per class), both test models
-    extracted, one evaluation, one sweep, one trained head, and one failed job."""
+    extracted, one evaluation, one sweep, one trained head, two rank fusions / re-rankings (rrf, qe), one
+    greedy weight selection on train, one model comparison, and one failed job."""
     base = tmp_path_factory.mktemp("pages")
     rows = []
     for c, name in enumerate(CLASSES):
@@ -58,13 +60,26 @@ def seeded(tmp_path_factory):
                                                                           "epochs": 2, "batch_size": 8,
                                                                           "val_fraction": 0.5}},
                              SILENT, ws, engine)
+    fused = {kind: tasks.run_job("fuse", {**params, "k": K, "method": kind}, SILENT, ws, engine) for kind in ("rrf", "qe")}
+    greedy_run = tasks.run_job("select_weights", {**params, "k": K, "search": "greedy", "max_steps": 4, "patience": 2},
+                               SILENT, ws, engine)
+    comparison_run = tasks.run_job("complementarity", {**params, "k": K}, SILENT, ws, engine)
     failed = jobs.submit(engine, "evaluate", {"dataset": str(base / "gone"), "models": MODELS, "k": K})
     claimed = jobs.claim(engine, "test-worker")
     assert claimed.id == failed.id
     jobs.fail(engine, failed.id, "Dataset folder /gone does not exist. Choose an existing folder.\nTraceback ...",
               worker_id="test-worker")
     engine.dispose()
-    return {"workspace": ws, "source": str(manifest), "base": base, "sweep_run": sweep_run, "head_run": head_run}
+    return {"workspace": ws, "source": str(manifest), "base": base, "sweep_run": sweep_run, "head_run": head_run,
+            "fused_runs": fused, "greedy_run": greedy_run, "comparison_run": comparison_run}
+
+
+@pytest.fixture
+def copied(seeded, tmp_path):
+    """A copy of the seeded workspace, for tests that queue jobs (the seeded queue stays as it is)."""
+    root = tmp_path / "copy"
+    shutil.copytree(seeded["workspace"].root, root)
+    return root
 
 
 def app(monkeypatch, workspace_root: Path, page: str, roots: Path | None = None, **query) -> AppTest:
@@ -122,6 +137,11 @@ def table(at: AppTest, *columns: str):
 def charts(at: AppTest) -> list[dict]:
     """Each Plotly chart's figure (data and layout) as drawn."""
     return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def titled(at: AppTest, text: str) -> list[dict]:
+    """The charts whose title holds `text`."""
+    return [c for c in charts(at) if text in c["layout"].get("title", {}).get("text", "")]
 
 
 def values(encoded) -> list:
@@ -394,8 +414,12 @@ def test_leaderboard_ranks_methods_with_gain(monkeypatch, seeded):
     for _, row in board.iterrows():
         assert row["gain"] == pytest.approx(row["map@k"] - best_single)
     concat = board[board["type"] == "concat"]
-    assert concat["oracle"].all() and set(concat["chosen on"]) == {"eval"}
+    swept = concat[concat["oracle"]]
+    assert len(swept) and set(swept["chosen on"]) == {"oracle (tuned on eval)"}
+    assert set(concat[~concat["oracle"]]["chosen on"]) == {"train"}  # the greedy selection
     assert set(board[board["type"] == "head"]["chosen on"]) == {"validation"}
+    fused = board[board["type"].isin(["rank", "qe"])]
+    assert sorted(fused["type"]) == ["qe", "rank"] and set(fused["chosen on"]) == {"none"}
     by_size = table(at, "models in ensemble")
     assert list(by_size["models in ensemble"]) == [1, 2]
     assert "map@5" in texts(at)
@@ -460,9 +484,9 @@ def test_sweep_form_refuses_a_grid_too_large(monkeypatch, seeded):
 def test_fusion_page_lists_heads_and_draws_the_training_curve(monkeypatch, seeded):
     at = app(monkeypatch, seeded["workspace"].root, "pages/fusion.py", dataset=seeded["source"])
     no_exception(at)
-    heads = table(at, "run_id", "method", "map@k")
+    heads = table(at, "run_id", "method", "map@k", "one embedding per image")
     assert list(heads["run_id"]) == [seeded["head_run"]]
-    [figure] = charts(at)
+    [figure] = [c for c in charts(at) if any(t.get("name") == "train loss" for t in c["data"])]
     traces = {t["name"]: t for t in figure["data"]}
     assert values(traces["train loss"]["x"]) == [1, 2]  # two epochs trained
     assert len(values(traces[f"val map@{K} (train part)"]["y"])) == 2
@@ -604,7 +628,10 @@ def test_the_demo_is_one_click(monkeypatch, empty):
     assert all(j.params["dataset"] == "demo" and len(j.params["models"]) == 4 for j in queued)
     assert at.query_params["dataset"] in ("demo", ["demo"])
     assert any("Demo queued" in e.value for e in at.success)
-    at = at.button(key="start:demo").click().run()  # a second click shares the same jobs
+    at = app(monkeypatch, empty, "pages/start.py")  # while its jobs wait, the demo is not offered again
+    no_exception(at)
+    assert not [b for b in at.button if b.key == "start:demo"]
+    assert any("The demo is being prepared" in i.value and str(queued[-1].id) in i.value for i in at.info)
     assert len(jobs.list_jobs(engine)) == len(demo)
     for job in queued:  # nothing left behind for a real worker
         jobs.request_cancel(engine, job.id)
@@ -708,3 +735,195 @@ def test_fusion_form_queues_a_head_with_core_defaults(monkeypatch, tmp_path, see
     job = jobs.list_jobs(engine, kind="train_head")[0]
     assert job.params["head"]["epochs"] == 3 and job.params["models"] == MODELS
     jobs.request_cancel(engine, job.id)
+
+
+# --- every fusion method, complementarity, cost, first look -------------------------------------------------
+
+def result_of(seeded, run_id: int) -> db.Result:
+    engine = db.make_engine(seeded["workspace"].db_url)
+    with db.read_session(engine) as session:
+        [result] = db.get_run(session, run_id).results
+        session.expunge(result)
+    return result
+
+
+def single_result_id(seeded, model: str) -> int:
+    engine = db.make_engine(seeded["workspace"].db_url)
+    with db.read_session(engine) as session:
+        return next(r.id for r in session.query(db.Result).all() if r.kind == "single" and r.models == [model]
+                    and r.run.kind == "evaluate")
+
+
+def test_fusion_page_says_which_methods_embed_and_plots_a_greedy_path(monkeypatch, seeded):
+    at = app(monkeypatch, seeded["workspace"].root, "pages/fusion.py", dataset=seeded["source"])
+    no_exception(at)
+    kinds = table(at, "kind", "one embedding per image", "exportable")
+    assert {r["kind"]: (r["one embedding per image"], r["exportable"]) for _, r in kinds.iterrows()} == {
+        "single": (True, True), "concat": (True, True), "head": (True, True), "rank": (False, False),
+        "qe": (False, False), "dba": (True, False)}
+    heads, finished = [f.value for f in at.dataframe if "greedy path" in f.value.columns]
+    assert list(heads["type"]) == ["head"] and sorted(finished["type"]) == ["concat", "qe", "rank"]
+    assert set(finished["chosen on"]) == {"none", "train"}
+    # the greedy selection's path is drawn (map@k on train per step) without selecting it first
+    path = result_of(seeded, seeded["greedy_run"]).extra["path"]
+    [figure] = titled(at, "Greedy selection")
+    traces = {t["name"]: t for t in figure["data"]}
+    greedy_steps = [p["step"] for p in path["greedy"]]
+    assert values(traces["greedy"]["x"]) == greedy_steps
+    assert values(traces["greedy"]["y"]) == pytest.approx([p["map@k"] for p in path["greedy"]])
+    assert values(traces["refined"]["x"]) == [greedy_steps[-1] + p["step"] for p in path["refined"]]
+
+
+def test_fusion_forms_queue_fusion_selection_and_learned_ratios(monkeypatch, seeded, copied):
+    at = app(monkeypatch, copied, "pages/fusion.py", dataset=seeded["source"])
+    engine = db.make_engine(Workspace.open(copied).db_url)
+
+    def submit(label: str):
+        return next(b for b in at.button if b.label == label).click().run()
+
+    at.selectbox(key="fusion:fuse_method").set_value("qe")
+    at.text_input(key="fusion:fuse_weights").input("1, 2")
+    at.number_input(key="fusion:fuse_n").set_value(3)
+    at = submit("Run fusion")
+    no_exception(at)
+    [job] = jobs.list_jobs(engine, kind="fuse", status=jobs.QUEUED)
+    assert (job.params["method"], job.params["weights"], job.params["n"], job.params["models"]) == ("qe", [1, 2], 3, MODELS)
+    at.text_input(key="fusion:fuse_weights").input("1")
+    at = submit("Run fusion")
+    assert any("one weight per model (2)" in e for e in errors(at)), errors(at)
+    at = submit("Choose weights on train")
+    no_exception(at)
+    [job] = jobs.list_jobs(engine, kind="select_weights", status=jobs.QUEUED)
+    assert job.params["search"] == "greedy" and job.params["max_steps"] == configs.SelectWeightsConfig().max_steps
+    at = submit("Learn concat ratios")
+    no_exception(at)
+    [job] = jobs.list_jobs(engine, kind="train_head", status=jobs.QUEUED)
+    assert job.params["head"]["kind"] == "learned_ratio" and job.params["models"] == MODELS
+    assert len([p for p in at.get("progress")]) == 3  # each with its progress bar in the job panel
+
+
+def test_complementarity_page_draws_the_stored_summary(monkeypatch, seeded):
+    at = app(monkeypatch, seeded["workspace"].root, "pages/complementarity.py", dataset=seeded["source"])
+    no_exception(at)
+    engine = db.make_engine(seeded["workspace"].db_url)
+    with db.read_session(engine) as session:
+        summary = db.get_run(session, seeded["comparison_run"]).summary
+    figures = charts(at)
+    keys = ["overlap@k", "jaccard@k", "cka", "ap_pearson", "ap_spearman", "oracle_pair"]
+    assert len(figures) == len(keys)
+    for figure, key in zip(figures, keys):
+        z = [[None if v is None else pytest.approx(v) for v in row] for row in summary[key]]
+        assert figure["data"][0]["z"] == z, key
+        assert figure["data"][0]["x"] == MODELS
+    ceiling = next(plain(i.value) for i in at.info if "Upper bound" in i.value)
+    assert f"{summary['oracle_all']:.4f}" in ceiling and f"{summary['best_single']:.4f}" in ceiling
+    models = table(at, "model", "map@k", "best partner")
+    assert list(models["model"]) == MODELS and list(models["map@k"]) == pytest.approx(summary["map@k"])
+    assert at.query_params["comparison"] in (str(seeded["comparison_run"]), [str(seeded["comparison_run"])])
+
+
+def test_complementarity_form_queues_a_comparison(monkeypatch, seeded, copied):
+    at = app(monkeypatch, copied, "pages/complementarity.py", dataset=seeded["source"])
+    at.multiselect(key="comp:models").set_value(MODELS[:1])
+    at = next(b for b in at.button if b.label == "Compare the models").click().run()
+    assert any("choose at least two" in e for e in errors(at)), errors(at)
+    at.multiselect(key="comp:models").set_value(MODELS)
+    at.number_input(key="comp:k").set_value(3)
+    at = next(b for b in at.button if b.label == "Compare the models").click().run()
+    no_exception(at)
+    [job] = jobs.list_jobs(db.make_engine(Workspace.open(copied).db_url), kind="complementarity", status=jobs.QUEUED)
+    assert job.params["models"] == MODELS and job.params["k"] == 3
+
+
+def test_leaderboard_prices_methods_and_answers_a_budget(monkeypatch, seeded, copied):
+    """One model measured at 2 ms per image, the other never: its methods are 'not measured' and off the
+    plot, and the best method within the best single model's cost is the measured model alone."""
+    engine = db.make_engine(Workspace.open(copied).db_url)
+    with db.begin_immediate(engine) as session:
+        for row in session.query(db.EmbeddingSetRow).all():
+            row.seconds_per_image = 0.002 if row.model_name == MODELS[0] else None
+        dims = {row.model_name: row.dim for row in session.query(db.EmbeddingSetRow).all()}
+    at = app(monkeypatch, copied, "pages/leaderboard.py", dataset=seeded["source"])
+    no_exception(at)
+    costs = table(at, "method", "ms per image", "dims", "pareto")
+    measured = costs[costs["ms per image"] != "not measured"]
+    assert list(measured["method"]) == [MODELS[0]] and list(measured["ms per image"]) == ["2.00"]
+    [pareto] = titled(at, "against cost")
+    assert values(pareto["data"][0]["x"]) == pytest.approx([2.0])
+    assert "not measured" in texts(at) and MODELS[1] in texts(at)
+    [answer] = [s.value for s in at.success if "Best within" in s.value]  # the default: every priced method
+    assert plain(answer).startswith(f"Best within 2 ms per image: **{MODELS[0]}**")
+    at.number_input(key="lb:budget:seconds_per_image").set_value(1.5).run()
+    assert any("No method with a measured cost within 1.5 ms per image" in i.value for i in at.info)
+    at.segmented_control(key="lb:cost_by").set_value("dims").run()
+    no_exception(at)
+    [pareto] = titled(at, "against cost")
+    priced = table(at, "method", "dims", "pareto")
+    assert len(values(pareto["data"][0]["x"])) == len(priced)  # every method has dims
+    both = priced[priced["method"].str.contains(r"\+")]
+    assert set(both["dims"]) == {dims[MODELS[0]] + dims[MODELS[1]]}
+
+
+def test_start_reads_the_db_only_and_shows_running_jobs(monkeypatch, seeded, copied):
+    """A job running on the current dataset: Start shows the headline from the DB and the job's message,
+    and never opens (scans) the dataset."""
+    from pages import cached
+    monkeypatch.setattr(cached, "imageset", lambda *a, **k: pytest.fail("Start opened the dataset"))
+    monkeypatch.setattr(cached, "open_dataset", lambda *a, **k: pytest.fail("Start scanned the dataset"))
+    engine = db.make_engine(Workspace.open(copied).db_url)
+    job = jobs.submit(engine, "extract", {"dataset": seeded["source"], "models": ["random:test_vit"], "force": True})
+    jobs.claim(engine, "test-worker")
+    jobs.report_progress(engine, job.id, 0.25, "random:test_vit: 6/24 images, 41.3 img/s, ETA 0:00:01",
+                         worker_id="test-worker")
+    at = app(monkeypatch, copied, "pages/start.py", dataset=seeded["source"])
+    no_exception(at)
+    assert "Best single model (map@k)" in [m.label for m in at.metric]
+    assert "24 images, 3 classes" in texts(at)
+    [bar] = at.get("progress")
+    assert "41.3 img/s, ETA 0:00:01" in plain(bar.proto.text)
+
+
+def test_query_explorer_shows_a_rank_fusion_and_lists_from_stored_scores(monkeypatch, seeded):
+    """A single model beside rrf: the rrf column shows ranks (no similarity) and its AP; the lists read the
+    scores stored with both results at their own k, and nothing scores every query again."""
+    from pages import cached
+    monkeypatch.setattr(cached, "query_scores", lambda *a, **k: pytest.fail("scored every query again"))
+    monkeypatch.setattr(cached, "query_scores_from_ranking", lambda *a, **k: pytest.fail("scored every query again"))
+    single = single_result_id(seeded, MODELS[0])
+    rrf = result_of(seeded, seeded["fused_runs"]["rrf"])
+    at = app(monkeypatch, seeded["workspace"].root, "pages/query_explorer.py", dataset=seeded["source"],
+             methods=f"{single},{rrf.id}", query=9, k=4)
+    no_exception(at)
+    marks = [plain(c.value) for c in at.caption if c.value.startswith((":green[", ":red["))]
+    assert len(marks) == 8 and all(re.search(r"\d\.\d{3}", m) for m in marks[:4])
+    assert [re.search(r"rank (\d+)", m).group(1) for m in marks[4:]] == ["1", "2", "3", "4"]
+    # rows 8..11 are the eval rows of query 9's class: AP@4 from the marks by hand (R = 3)
+    hits = [int(re.search(r"#(\d+)", m).group(1)) in (8, 10, 11) for m in marks[4:]]
+    precision = [sum(hits[:i + 1]) / (i + 1) for i in range(4) if hits[i]]
+    heading = next(m.value for m in at.markdown if m.value.startswith("**rrf over"))
+    assert heading.endswith(f"AP@4 {sum(precision) / 3:.3f}")
+    for how in ("ensemble fixed", "hardest", "per class"):
+        at.radio(key="explorer:how").set_value(how).run()
+        no_exception(at)
+        origin = next(c.value for c in at.caption if "AP@5 stored with result" in c.value)
+        assert f"stored with result {rrf.id}" in origin
+    assert sorted(table(at, "class", "B - A")["class"]) == sorted(CLASSES)
+
+
+def test_embedding_map_offers_only_methods_with_embeddings(monkeypatch, seeded):
+    at = app(monkeypatch, seeded["workspace"].root, "pages/embedding_map.py", dataset=seeded["source"])
+    no_exception(at)
+    options = at.selectbox(key="map:method").options
+    assert not [o for o in options if "[rank" in o or "[qe" in o] and len(options) >= 4
+
+
+def test_the_map_uses_webgl_above_two_thousand_points_and_keeps_rows_for_selection():
+    from pages import charts as page_charts
+    coords = np.random.default_rng(0).normal(size=(2001, 2))
+    rows = np.arange(2001) * 2
+    figure = page_charts.embedding_map([(0, np.arange(1000)), (1, np.arange(1000, 2001))], coords, rows,
+                                       ["a", "b"], "map")
+    assert [t.type for t in figure.data] == ["scattergl", "scattergl"] and figure.layout.dragmode == "select"
+    assert list(figure.data[1].customdata[:2]) == [2000, 2002]
+    small = page_charts.embedding_map([(0, np.arange(10))], coords[:10], rows[:10], ["a"], "map")
+    assert [t.type for t in small.data] == ["scatter"]

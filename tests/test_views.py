@@ -335,14 +335,24 @@ def test_heatmap_takes_the_best_over_the_other_weights():
     assert two.labels() == [["", "0.5000"], ["0.2500", ""]]
 
 
-def test_head_rows_and_run_comparison():
+def test_result_rows_and_run_comparison():
     run = SimpleNamespace(id=7, duration_s=1.5)
     head = Method.head(["a", "b"], "/h", "mlp head")
-    rows = views.head_rows([(run, [Entry(3, 7, "train_head", head, {"map@k": 0.4, "k": 5}, "validation")])])
-    assert rows == [{"run_id": 7, "method": "mlp head", "models": "a + b", "map@k": 0.4, "map@k_hits": rows[0]["map@k_hits"],
-                     "map@r": rows[0]["map@r"], "p@1": rows[0]["p@1"], "k": 5, "chosen on": "validation",
-                     "duration_s": 1.5, "result_id": 3}]
+    rrf = Method.fused("rank", ["a", "b"], rule="rrf")
+    greedy = Method.concat(["a", "b"], [3, 1])
+    rows = views.result_rows([(run, [Entry(3, 7, "train_head", head, {"map@k": 0.4, "k": 5}, "validation"),
+                                     Entry(4, 7, "fuse", rrf, {"map@k": 0.5, "k": 5}),
+                                     Entry(5, 7, "select_weights", greedy, {"map@k": 0.6, "k": 5}, "train",
+                                           extra={"path": {"greedy": [], "refined": []}}),
+                                     Entry(6, 7, "sweep", greedy, {"map@k": 0.7, "k": 5}, "eval")])])
+    assert rows[0] == {"run_id": 7, "method": "mlp head", "type": "head", "models": "a + b", "weights": "",
+                       "map@k": 0.4, "map@k_hits": rows[0]["map@k_hits"], "map@r": rows[0]["map@r"], "p@1": rows[0]["p@1"],
+                       "k": 5, "chosen on": "validation", "one embedding per image": True, "greedy path": False,
+                       "duration_s": 1.5, "result_id": 3}
     assert math.isnan(rows[0]["p@1"])
+    assert [(r["type"], r["one embedding per image"], r["greedy path"], r["chosen on"]) for r in rows[1:]] == [
+        ("rank", False, False, "none"), ("concat", True, True, "train"), ("concat", True, False, "oracle (tuned on eval)")]
+    assert rows[2]["weights"] == "3, 1"
     a = [{"method": "x", "map@k": 0.5}, {"method": "y", "map@k": 0.25}, {"method": "x", "map@k": 0.1}]
     b = [{"method": "y", "map@k": 0.5}, {"method": "z", "map@k": 0.75}]
     assert views.run_comparison(1, a, 2, b) == [
@@ -383,3 +393,248 @@ def test_curve_points_in_epoch_order(tmp_path):
             db.add_curve_point(session, run.id, epoch, {"epoch": epoch, "loss": 1.0 / epoch})
     assert views.curve_points(engine, run.id) == [{"epoch": e, "loss": 1.0 / e} for e in (1, 2, 3)]
     assert views.curve_points(engine, run.id + 1) == []
+
+
+# --- every fusion method in the explorer ----------------------------------------------------------------
+
+def test_method_options_for_a_map_leave_out_methods_without_embeddings():
+    a, b = Method.single("a"), Method.single("b")
+    entries = [entry(1, a, 0.5), entry(2, b, 0.6), entry(3, Method.fused("rank", ["a", "b"], rule="rrf"), 0.7),
+               entry(4, Method.fused("qe", ["a", "b"], n=2, alpha=3.0), 0.65),
+               entry(5, Method.fused("dba", ["a", "b"], n=2, alpha=3.0), 0.62)]
+    every = views.method_options(entries, ["a", "b"])
+    assert [o.method.kind for o in every.values()] == ["single", "single", "rank", "qe", "dba"]
+    mapped = views.method_options(entries, ["a", "b"], embedding_only=True)
+    assert [o.method.kind for o in mapped.values()] == ["single", "single", "dba"]
+
+
+def test_list_k_uses_the_stored_k():
+    assert views.list_k([50, None, 50], 10) == 50
+    assert views.list_k([None, None], 10) == 10 and views.list_k([], 7) == 7
+    with pytest.raises(ConfigError, match=r"different k \(10, 50\)"):
+        views.list_k([50, 10], 10)
+
+
+def brute_top(x: np.ndarray, position: int, k: int) -> tuple[list[int], list[float]]:
+    """float64 cosine of one row against the others, ranked by (-similarity, index): a slow loop."""
+    x = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    pairs = sorted((-float(x[position] @ x[j]), j) for j in range(len(x)) if j != position)
+    return [j for _, j in pairs[:k]], [-s for s, _ in pairs[:k]]
+
+
+def ap_at_k(hits: list[bool], n_relevant: int, k: int) -> float:
+    """map@k of one query by hand: sum of P@i at each hit within k, over min(k, R)."""
+    found, total = 0, 0.0
+    for i, hit in enumerate(hits[:k], start=1):
+        if hit:
+            found += 1
+            total += found / i
+    return total / min(k, n_relevant) if n_relevant else float("nan")
+
+
+def test_query_top_of_an_embedding_method_against_brute_force():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(30, 6)).astype(np.float32)
+    labels = rng.integers(0, 3, 30)
+    method = Method.single("a")
+    for position in (0, 7, 29):
+        top = views.query_top(method, labels, position, 5, embeddings=x / np.linalg.norm(x, axis=1, keepdims=True))
+        ids, sims = brute_top(x, position, 5)
+        assert top.positions.tolist() == ids
+        assert np.allclose(top.similarities, sims, atol=1e-5)
+        n_relevant = int((labels == labels[position]).sum()) - 1
+        assert top.ap == pytest.approx(ap_at_k([labels[j] == labels[position] for j in ids], n_relevant, 5))
+
+
+def test_query_top_of_a_ranking_method_reads_its_ranking():
+    labels = np.array([0, 0, 1, 1, 0, 2])
+    ranking = np.array([[4, 2, 1, 3, 5], [0, 2, 4, 3, 5], [3, 0, 1, 4, 5], [2, 1, 0, 4, 5], [1, 0, 2, 3, 5],
+                        [0, 1, 2, 3, 4]])
+    rrf = Method.fused("rank", ["a", "b"], rule="rrf")
+    top = views.query_top(rrf, labels, 0, 3, ranking=ranking)
+    assert top.positions.tolist() == [4, 2, 1] and top.similarities is None
+    assert top.ap == pytest.approx((1 / 1 + 2 / 3) / 2)  # hits at ranks 1 and 3, R = 2
+    assert views.query_top(rrf, labels, 2, 2, ranking=ranking).ap == pytest.approx(1.0)  # R = 1, hit at rank 1
+    assert math.isnan(views.query_top(rrf, labels, 5, 3, ranking=ranking).ap)  # alone in its class
+    with pytest.raises(ValueError, match="pass its ranking"):
+        views.query_top(rrf, labels, 0, 3, embeddings=np.eye(6, dtype=np.float32))
+
+
+def test_which_methods_embed_and_export():
+    expected = {"single": (True, True), "concat": (True, True), "head": (True, True), "rank": (False, False),
+                "qe": (False, False), "dba": (True, False)}
+    rows = views.method_kind_rows()
+    assert {r["kind"]: (r["one embedding per image"], r["exportable"]) for r in rows} == expected
+    assert all(bool(r["why not exportable"]) != r["exportable"] for r in rows)
+    assert views.why_not_exportable(Method.concat(["a", "b"], [1, 2])) is None
+    reason = views.why_not_exportable(Method.fused("dba", ["a"], n=2, alpha=3.0))
+    assert "dba over a" in reason and "depends on the gallery" in reason
+
+
+def test_chosen_on_says_oracle_for_eval():
+    table = [{"method": "x", "chosen on": c} for c in ("none", "train", "validation", "eval")]
+    assert [r["chosen on"] for r in views.labelled_board(table)] == ["none", "train", "validation",
+                                                                     "oracle (tuned on eval)"]
+
+
+def test_selection_path_counts_refinement_on_from_the_greedy_steps():
+    path = {"greedy": [{"step": 1, "weights": [1, 0], "map@k": 0.5}, {"step": 2, "weights": [1, 1], "map@k": 0.6},
+                       {"step": 3, "weights": [2, 1], "map@k": 0.58}],
+            "refined": [{"step": 0, "weights": [1, 1], "map@k": 0.6}, {"step": 1, "weights": [1, 1.5], "map@k": 0.61}]}
+    assert views.selection_path(path) == [
+        {"phase": "greedy", "step": 1, "map@k": 0.5, "weights": "1, 0"},
+        {"phase": "greedy", "step": 2, "map@k": 0.6, "weights": "1, 1"},
+        {"phase": "greedy", "step": 3, "map@k": 0.58, "weights": "2, 1"},
+        {"phase": "refined", "step": 3, "map@k": 0.6, "weights": "1, 1"},
+        {"phase": "refined", "step": 4, "map@k": 0.61, "weights": "1, 1.5"},
+    ]
+    assert views.selection_path(None) == [] and views.selection_path({"greedy": []}) == []
+
+
+# --- complementarity ------------------------------------------------------------------------------------
+
+SUMMARY = {"models": ["a", "b", "c"], "k": 10, "n_queries": 90, "n_excluded": 2, "cka_rows": 92,
+           "map@k": [0.5, 0.6, 0.4], "best_single": 0.6, "oracle_all": 0.75,
+           "overlap@k": [[1, 0.3, 0.2], [0.3, 1, 0.5], [0.2, 0.5, 1]],
+           "jaccard@k": [[1, 0.2, 0.1], [0.2, 1, 0.3], [0.1, 0.3, 1]],
+           "cka": [[1, 0.8, None], [0.8, 1, 0.7], [None, 0.7, 1]],
+           "ap_pearson": [[1, 0.4, 0.1], [0.4, 1, 0.2], [0.1, 0.2, 1]],
+           "ap_spearman": [[1, 0.35, 0.15], [0.35, 1, 0.25], [0.15, 0.25, 1]],
+           "oracle_pair": [[0.5, 0.7, 0.55], [0.7, 0.6, 0.7], [0.55, 0.7, 0.4]]}
+
+
+def test_pair_matrices_keep_every_measure_and_blank_the_undefined():
+    matrices = views.pair_matrices(SUMMARY)
+    assert [m.key for m in matrices] == ["overlap@k", "jaccard@k", "cka", "ap_pearson", "ap_spearman", "oracle_pair"]
+    cka = matrices[2]
+    assert cka.models == ["a", "b", "c"] and math.isnan(cka.z[0][2]) and cka.z[1][2] == 0.7
+    assert matrices[3].zmin == -1.0 and matrices[0].zmin == 0.0 and matrices[5].zmin is None
+    assert [m.key for m in views.pair_matrices({k: v for k, v in SUMMARY.items() if k != "cka"})] == [
+        "overlap@k", "jaccard@k", "ap_pearson", "ap_spearman", "oracle_pair"]
+
+
+def test_complementarity_rows_name_each_models_best_partner():
+    # b's pair oracle is 0.7 with both a and c: the first (a) is named
+    assert views.complementarity_rows(SUMMARY) == [
+        {"model": "a", "map@k": 0.5, "best partner": "b", "pair oracle": 0.7},
+        {"model": "b", "map@k": 0.6, "best partner": "a", "pair oracle": 0.7},
+        {"model": "c", "map@k": 0.4, "best partner": "b", "pair oracle": 0.7}]
+
+
+def test_oracle_text_states_the_ceiling():
+    text = views.oracle_text(SUMMARY)
+    assert "map@10 0.7500" in text and "0.6000" in text and "+0.1500" in text and "+25.0%" in text
+    assert "Upper bound" in text and "90 queries" in text
+
+
+# --- cost ---------------------------------------------------------------------------------------------------
+
+def test_cost_rows_say_not_measured_and_mark_the_front():
+    a, b, c = Method.single("a"), Method.single("b"), Method.single("c")
+    ab = Method.concat(["a", "b"], [1, 1])
+    ac = Method.concat(["a", "c"], [1, 1])
+    gone = Method.single("gone")  # embeddings not in this workspace: no cost at all
+    entries = [entry(1, a, 0.5), entry(2, b, 0.6), entry(3, c, 0.55), entry(4, ab, 0.7, selected_on="eval"),
+               entry(5, ac, 0.65), entry(6, gone, 0.9)]
+    costs = {"a": (0.001, 100), "b": (0.004, 300), "c": (None, 50)}
+    front = [entries[0], entries[1], entries[3]]
+    rows = views.cost_rows(entries, costs, "seconds_per_image", front)
+    by_id = {r["result_id"]: r for r in rows}
+    assert by_id[1]["ms per image"] == "1.00" and by_id[1]["cost"] == pytest.approx(1.0) and by_id[1]["dims"] == 100
+    assert by_id[4]["ms per image"] == "5.00" and by_id[4]["cost"] == pytest.approx(5.0) and by_id[4]["dims"] == 400
+    assert by_id[4]["chosen on"] == "oracle (tuned on eval)"
+    for unmeasured in (3, 5):  # c's time was never measured: never shown as 0
+        assert by_id[unmeasured]["ms per image"] == views.NOT_MEASURED and by_id[unmeasured]["cost"] is None
+    assert by_id[5]["dims"] == 150
+    assert by_id[6]["dims"] is None and by_id[6]["cost"] is None and by_id[6]["ms per image"] == views.NOT_MEASURED
+    assert [r["result_id"] for r in rows if r["pareto"]] == [1, 2, 4]
+    dims = views.cost_rows(entries, costs, "dims", [])
+    assert [r["cost"] for r in dims] == [100, 300, 50, 400, 150, None]
+
+
+def test_default_budget_is_what_the_best_single_model_costs():
+    a, b = Method.single("a"), Method.single("b")
+    entries = [entry(1, a, 0.5), entry(2, b, 0.6)]
+    costs = {"a": (0.001, 100), "b": (0.004, 300)}
+    assert views.default_budget(entries, costs, "seconds_per_image") == pytest.approx(4.0)  # ms
+    assert views.default_budget(entries, costs, "dims") == 300
+    unmeasured_best = {"a": (0.001, 100), "b": (None, 300)}  # then: the dearest measured method
+    assert views.default_budget(entries + [entry(3, Method.concat(["a", "c"], [1, 1]), 0.4)],
+                                {**unmeasured_best, "c": (0.002, 10)}, "seconds_per_image") == pytest.approx(3.0)
+    assert views.default_budget(entries, {"b": (None, 300)}, "seconds_per_image") is None
+    assert views.default_budget([], costs, "dims") is None
+
+
+# --- the Start page ----------------------------------------------------------------------------------------
+
+def test_dataset_facts_read_the_newest_row_of_a_source(tmp_path):
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'runs.db'}")
+    db.init_db(engine)
+    with db.begin_immediate(engine) as session:
+        db.record_dataset(session, name="old", source="/data/set", fingerprint="f1", n_images=10, n_classes=2)
+    with db.begin_immediate(engine) as session:
+        db.record_dataset(session, name="new", source="/data/set", fingerprint="f2", n_images=12, n_classes=3)
+        db.record_dataset(session, name="demo", source="demo", fingerprint="f3", n_images=4000, n_classes=10)
+    assert views.dataset_facts(engine, "/data/set") == views.DatasetFacts("new", "f2", 12, 3)
+    assert views.dataset_facts(engine, "demo") == views.DatasetFacts("demo", "f3", 4000, 10)
+    assert views.dataset_facts(engine, "/elsewhere") is None
+
+
+def test_queries_scored_counts_excluded_queries_too():
+    a = Method.single("a")
+    assert views.queries_scored([]) == 0
+    entries = [Entry(1, 1, "evaluate", a, {"map@k": 0.5, "k": 5, "n_queries": 98, "n_excluded": 2}),
+               Entry(2, 2, "evaluate", a, {"map@k": 0.5, "k": 5})]
+    assert views.queries_scored(entries) == 100
+
+
+def test_active_demo_jobs_are_the_demos_kinds_on_its_dataset():
+    from core import configs
+    job = lambda i, kind, dataset: SimpleNamespace(id=i, kind=kind, params={"dataset": dataset})  # noqa: E731
+    active = [job(1, "extract", "demo"), job(2, "sweep", "demo"), job(3, "extract", "/data/set"),
+              job(4, "complementarity", "demo"), SimpleNamespace(id=5, kind="extract", params=None)]
+    assert [j.id for j in views.active_demo_jobs(active, configs.demo_jobs())] == [1, 2]
+    assert views.active_demo_jobs([], configs.demo_jobs()) == []
+
+
+def test_zip_folder_unpacks_to_the_folder(tmp_path):
+    import zipfile
+    folder = tmp_path / "result-3"
+    (folder / "head").mkdir(parents=True)
+    (folder / "manifest.json").write_text('{"format": "x"}')
+    (folder / "head" / "head.safetensors").write_bytes(b"\x00\x01" * 100)
+    with zipfile.ZipFile(io.BytesIO(views.zip_folder(folder))) as archive:
+        assert sorted(archive.namelist()) == ["result-3/head/head.safetensors", "result-3/manifest.json"]
+        assert archive.read("result-3/head/head.safetensors") == b"\x00\x01" * 100
+
+
+# --- the explorer's lists at 50,000 queries -----------------------------------------------------------------
+
+def test_query_lists_at_fifty_thousand_queries_against_a_loop():
+    """Stored per-query scores of 50,000 queries (synthetic, with ties and excluded queries): the fixed /
+    broke / hardest lists equal a plain Python loop over every query."""
+    n = 50_000
+    rng = np.random.default_rng(50)
+    relevant = rng.integers(0, 40, n)
+    relevant[rng.choice(n, 500, replace=False)] = 0
+    single_ap = np.where(relevant > 0, rng.integers(0, 21, n) / 20, np.nan)  # coarse values: many ties
+    ensemble_ap = np.where(relevant > 0, rng.integers(0, 21, n) / 20, np.nan)
+    single = QueryScores(50, single_ap, single_ap, single_ap, single_ap, relevant)
+    ensemble = QueryScores(50, ensemble_ap, ensemble_ap, ensemble_ap, ensemble_ap, relevant)
+    rows, labels = np.arange(n) * 3, rng.integers(0, 100, n)
+    names = [f"class {c}" for c in range(100)]
+    for improved in (True, False):
+        got = views.changed_rows(ensemble, single, rows, labels, names, 50, improved)
+        changes = []
+        for p in range(n):
+            if relevant[p] == 0:
+                continue
+            change = float(ensemble_ap[p]) - float(single_ap[p])
+            if (change > 0) if improved else (change < 0):
+                changes.append((-abs(change), p))
+        expected = [p for _, p in sorted(changes)][:50]
+        assert [r["id"] for r in got] == [3 * p for p in expected]
+        assert [r["class"] for r in got] == [names[labels[p]] for p in expected]
+    hardest = views.hardest_rows(ensemble, rows, labels, names, 50, "e")
+    expected = sorted((p for p in range(n) if relevant[p] > 0), key=lambda p: (float(ensemble_ap[p]), p))[:50]
+    assert [r["id"] for r in hardest] == [3 * p for p in expected]
