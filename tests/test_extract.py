@@ -104,6 +104,22 @@ def test_an_image_that_breaks_after_open_fails_with_its_name(image_folder, tmp_p
     assert "Traceback" not in message
 
 
+def test_a_batch_that_cannot_be_preprocessed_fails_with_its_rows(small_demo, tmp_path, monkeypatch):
+    def broken_transform(images):
+        raise ValueError("height and width must be > 0")
+
+    def loading(name, device="cpu", **options):
+        model = load_model(name, device, **options)
+        model.batch_transform = broken_transform
+        return model
+
+    monkeypatch.setattr(core.extract, "load_model", loading)
+    with pytest.raises(DatasetError) as error:
+        extract_embeddings(small_demo, ["random:test_vit"], EmbeddingCache(tmp_path), batch_size=8)
+    message = str(error.value)
+    assert "rows 0..7" in message and small_demo.paths[0] in message and "could not be preprocessed" in message
+    assert "ValueError: height and width must be > 0" in message and "remove the odd one" in message
+
 def test_a_corrupted_set_is_refused_until_force_reextracts_it(small_demo, workspace):
     cache = EmbeddingCache(workspace.embeddings)
     name = "random:test_vit"
