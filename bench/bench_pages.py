@@ -8,12 +8,20 @@ chart has drawn:
   pages_warm_s   each page reached from another through the sidebar in one browser session: once to fill the
                  caches, then --repeats times; the median is its warm render (what moving around the dashboard
                  costs once caches are filled; this machine is shared and noisy, hence the median).
+and, without a browser, the query explorer's lists ("ensemble fixed / broke", "hardest") at --lists-queries
+synthetic queries (default 50,000):
+  lists_stored_s    read the per-query scores stored with two results (core.scores) and build the lists
+                    (core.views): what the explorer does for stored results;
+  lists_computed_s  score every query of both methods first (exact search, core.metrics.per_query_scores on
+                    --lists-dims random dims), then the same lists: what an ad-hoc method costs;
+  lists_ratio       computed / stored, both measured in this process.
 Writes JSON (machine, versions, threads, date, workspace size, seconds per page) to
 bench/results/pages_<name>.json and prints it. Without --workspace it prepares (once, reused later) the
 browser tests' demo-small workspace with the CLI.
 
     python bench/bench_pages.py --name cpu-demo-small
     python bench/bench_pages.py --workspace /data/ws --dataset demo --name cpu-demo
+    python bench/bench_pages.py --lists-only --lists-queries 50000 --name cpu-lists
 """
 from __future__ import annotations
 
@@ -71,6 +79,45 @@ def measure(workspace: Path, dataset: str, repeats: int) -> dict:
             "pages_warm_s": {title: statistics.median(t) for title, t in times.items()}, "pages_warm_all_s": times}
 
 
+def measure_lists(n_queries: int, dims: int, k: int = 50, seed: int = 0) -> dict:
+    """The explorer's lists at n_queries: from stored per-query scores against scoring every query first."""
+    import tempfile
+
+    import numpy as np
+
+    from core import views
+    from core.metrics import per_query_scores
+    from core.scores import load_query_scores, save_query_scores
+    from core.workspace import Workspace
+
+    rng = np.random.default_rng(seed)
+    n_classes = max(2, n_queries // 50)  # ~50 images per class
+    labels = rng.integers(0, n_classes, n_queries)
+    centres = rng.normal(size=(n_classes, dims)).astype(np.float32)
+    single = centres[labels] + rng.normal(size=(n_queries, dims)).astype(np.float32)
+    ensemble = single + 0.5 * rng.normal(size=single.shape).astype(np.float32)
+    rows, names = np.arange(n_queries), [f"class {c}" for c in range(n_classes)]
+
+    def lists(a, b) -> None:
+        for improved in (True, False):
+            views.changed_rows(b, a, rows, labels, names, k, improved)
+        views.hardest_rows(b, rows, labels, names, k, "ensemble")
+
+    start = time.perf_counter()
+    scored = [per_query_scores(x, labels, k) for x in (single, ensemble)]
+    lists(*scored)
+    computed = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as root:
+        workspace = Workspace.open(root)
+        for result_id, scores in enumerate(scored, start=1):
+            save_query_scores(workspace, result_id, scores)
+        start = time.perf_counter()
+        lists(load_query_scores(workspace, 1), load_query_scores(workspace, 2))
+        stored = time.perf_counter() - start
+    return {"lists_queries": n_queries, "lists_dims": dims, "lists_k": k, "lists_stored_s": round(stored, 4),
+            "lists_computed_s": round(computed, 3), "lists_ratio": round(computed / stored, 1)}
+
+
 def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -104,11 +151,17 @@ def main() -> int:
     parser.add_argument("--dataset", default="demo-small", help="the ?dataset= every page opens (default demo-small)")
     parser.add_argument("--name", default="local", help="results go to bench/results/pages_<name>.json")
     parser.add_argument("--repeats", type=int, default=3, help="warm renders timed per page (the median is reported)")
+    parser.add_argument("--lists-queries", type=int, default=50_000, help="queries of the list benchmark (0: skip it)")
+    parser.add_argument("--lists-dims", type=int, default=32, help="embedding dims of the list benchmark's ad-hoc side")
+    parser.add_argument("--lists-only", action="store_true", help="only the list benchmark (no browser)")
     args = parser.parse_args()
-    workspace = args.workspace or prepare_workspace(DEFAULT_WORKSPACE)
     report = {"benchmark": "pages", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "dataset": args.dataset, **machine(), "workspace": workspace_facts(workspace),
-              **measure(workspace, args.dataset, args.repeats)}
+              "dataset": args.dataset, **machine()}
+    if not args.lists_only:
+        workspace = args.workspace or prepare_workspace(DEFAULT_WORKSPACE)
+        report.update(workspace=workspace_facts(workspace), **measure(workspace, args.dataset, args.repeats))
+    if args.lists_queries:
+        report.update(measure_lists(args.lists_queries, args.lists_dims))
     out = REPO / "bench" / "results" / f"pages_{args.name}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

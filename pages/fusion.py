@@ -172,7 +172,7 @@ with widgets.guarded():
     train_form(source, models, n_train)
     st.subheader("Methods")
     st.caption("Which methods give one embedding per image, and which export as an artifact that embeds new images:")
-    st.dataframe(pd.DataFrame(views.method_kind_rows()), hide_index=True, key="fusion:kinds")
+    st.table(pd.DataFrame(views.method_kind_rows()).set_index("kind"))  # a static table: the long texts wrap
     cols = st.columns(2)
     with cols[0]:
         fuse_form(source, models)

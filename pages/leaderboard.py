@@ -114,8 +114,12 @@ def costs(imageset, board: list[lb.Entry], k: int, metric: str) -> None:
                               format_func=lambda b: views.COST_UNITS[b][0]) or "seconds_per_image"
     unit, scale = views.COST_UNITS[by]
     table = views.cost_rows(board, prices, by, lb.pareto_front(board, prices, metric, by), metric)
-    st.plotly_chart(charts.pareto(table, metric, k, by), key="lb:pareto")
     unpriced = [r["method"] for r in table if r["cost"] is None]
+    if len(unpriced) == len(table):
+        st.info(f"No method has a measured cost in {unit} yet ({views.NOT_MEASURED}: the extraction recorded no "
+                "time, or the embeddings are not in this workspace). Compare by dims, or extract the models again.")
+        return
+    st.plotly_chart(charts.pareto(table, metric, k, by), key="lb:pareto")
     if unpriced:
         st.caption(views.md(f"Not on the plot ({views.NOT_MEASURED}: extraction time never recorded, or the "
                             f"embeddings are not in this workspace): {', '.join(unpriced)}"))

@@ -162,7 +162,8 @@ with widgets.guarded():
                 set_query(picked)
                 st.rerun()
         else:
-            query_list(how, imageset, rows, labels, [options[name] for name in chosen], chosen, k, query)
+            with widgets.guarded():  # e.g. results stored at different k: say so, and still show the query
+                query_list(how, imageset, rows, labels, [options[name] for name in chosen], chosen, k, query)
         upload = st.file_uploader(f"…or search with your own image (PNG/JPEG, up to {views.MAX_UPLOAD_BYTES // 2**20} MB, "
                                   f"{views.MAX_UPLOAD_PIXELS // 10**6} megapixels)", type=["png", "jpg", "jpeg"],
                                   key="explorer:upload")

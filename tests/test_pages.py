@@ -757,8 +757,8 @@ def single_result_id(seeded, model: str) -> int:
 def test_fusion_page_says_which_methods_embed_and_plots_a_greedy_path(monkeypatch, seeded):
     at = app(monkeypatch, seeded["workspace"].root, "pages/fusion.py", dataset=seeded["source"])
     no_exception(at)
-    kinds = table(at, "kind", "one embedding per image", "exportable")
-    assert {r["kind"]: (r["one embedding per image"], r["exportable"]) for _, r in kinds.iterrows()} == {
+    [kinds] = [t.value for t in at.table if "exportable" in t.value.columns]
+    assert {kind: (r["one embedding per image"], r["exportable"]) for kind, r in kinds.iterrows()} == {
         "single": (True, True), "concat": (True, True), "head": (True, True), "rank": (False, False),
         "qe": (False, False), "dba": (True, False)}
     heads, finished = [f.value for f in at.dataframe if "greedy path" in f.value.columns]
@@ -927,3 +927,18 @@ def test_the_map_uses_webgl_above_two_thousand_points_and_keeps_rows_for_selecti
     assert list(figure.data[1].customdata[:2]) == [2000, 2002]
     small = page_charts.embedding_map([(0, np.arange(10))], coords[:10], rows[:10], ["a"], "map")
     assert [t.type for t in small.data] == ["scatter"]
+
+
+def test_an_uploaded_image_searches_only_with_methods_that_embed_one(monkeypatch, seeded, tmp_path):
+    single = single_result_id(seeded, MODELS[0])
+    rrf = result_of(seeded, seeded["fused_runs"]["rrf"])
+    at = app(monkeypatch, seeded["workspace"].root, "pages/query_explorer.py", dataset=seeded["source"],
+             methods=f"{single},{rrf.id}", k=3)
+    if not hasattr(at, "file_uploader"):
+        pytest.skip("AppTest cannot upload here")
+    image = write_image(tmp_path / "upload.png", seed=11)
+    at.file_uploader(key="explorer:upload").upload(image.name, image.read_bytes(), "image/png")
+    at.run()
+    no_exception(at)
+    assert len([c for c in at.caption if re.search(r"\d\.\d{3}  \n#\d+ ", c.value)]) == 3  # the single model only
+    assert any(plain(c.value).startswith(f"{rrf.method} does not export: it merges result lists") for c in at.caption)

@@ -1,6 +1,6 @@
 """Browser-test fixtures: one prepared workspace, one worker + dashboard and one Chromium per session.
 
-The workspace is prepared with the CLI (extract, evaluate, sweep on demo-small) before the app starts;
+The workspace is prepared with the CLI (extract, evaluate, sweep, rrf fusion on demo-small) before the app starts;
 set E2E_WORKSPACE=/some/dir to keep (and on later runs reuse) it instead of a fresh temporary one.
 Screenshots go to test-artifacts/screenshots/ (gitignored); the path is printed at the end of the run.
 """

@@ -38,6 +38,7 @@ PAGES = [
     ("Start", "", "01-start"),
     ("Data & models", "data", "02-data"),
     ("Leaderboard", "leaderboard", "03-leaderboard"),
+    ("Complementarity", "complementarity", "03b-complementarity"),
     ("Weight sweep", "sweep", "04-sweep"),
     ("Fusion heads", "fusion", "05-fusion"),
     ("Query explorer", "query_explorer", "06-explorer"),
@@ -63,11 +64,12 @@ def cli(workspace: Path, *args: str, log: Path) -> None:
 
 def prepare_workspace(workspace: Path, dataset: str = DATASET, models: str = MODELS, k: int = K,
                       weights: str = WEIGHTS) -> Path:
-    """Extract, evaluate and sweep with the CLI (the same handlers the worker runs) before any app starts.
-    A workspace already prepared with the same arguments (marker file) is reused as it is."""
+    """Extract, evaluate, sweep and fuse (reciprocal rank fusion) with the CLI (the same handlers the worker
+    runs) before any app starts. A workspace already prepared with the same arguments (marker file) is reused
+    as it is."""
     workspace = Path(workspace)
     workspace.mkdir(parents=True, exist_ok=True)
-    marker = workspace / f".e2e-prepared-{dataset}-{models}-k{k}-w{weights}".replace(",", "_")
+    marker = workspace / f".e2e-prepared-{dataset}-{models}-k{k}-w{weights}-rrf".replace(",", "_")
     if marker.exists():
         return workspace
     log = workspace / "e2e-prepare.log"
@@ -75,6 +77,7 @@ def prepare_workspace(workspace: Path, dataset: str = DATASET, models: str = MOD
     cli(workspace, "extract", *data, log=log)
     cli(workspace, "evaluate", *data, "--k", str(k), log=log)
     cli(workspace, "sweep", *data, "--weights", weights, "--k", str(k), log=log)
+    cli(workspace, "fuse", *data, "--method", "rrf", "--k", str(k), log=log)
     marker.touch()
     return workspace
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import zipfile
 
 import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -58,6 +59,11 @@ def test_every_page_opens_from_the_navigation(page, app, shot):
         elif title == "Leaderboard":
             main.get_by_text("All methods at k=10").wait_for()
             page.locator("[data-testid=stPlotlyChart]").first.wait_for()
+            page.locator(".st-key-lb-pareto [data-testid=stPlotlyChart]").or_(
+                main.get_by_text("No method has a measured cost")).first.wait_for()
+        elif title == "Complementarity":  # E2E_WORKSPACE may hold a comparison from an earlier run
+            main.get_by_text("No comparison of models on this dataset yet").or_(
+                main.get_by_text("Upper bound: picking")).first.wait_for()
         elif title == "Weight sweep":
             main.get_by_text(re.compile(r"\d+ weight vectors over")).first.wait_for()
             page.locator(".st-key-sweep-heatmap [data-testid=stPlotlyChart]").wait_for()
@@ -89,13 +95,23 @@ def test_leaderboard_lists_both_models_and_an_ensemble(page, app):
         assert 0.0 < float(row["map@k"]) <= 1.0, row
         assert row.get("k", "10") in ("10", "10.0"), row
     best_single = max(float(r["map@k"]) for r in by_type["single"])
-    assert {r["chosen on"] for r in ensembles} == {"eval"}, table  # the CLI ran only the oracle sweep
-    best_oracle = max(float(r["map@k"]) for r in ensembles)
+    # The CLI ran the oracle sweep and a reciprocal rank fusion (nothing tuned).
+    oracle = [r for r in ensembles if r["chosen on"] == "oracle (tuned on eval)"]
+    honest = [r for r in ensembles if r["chosen on"] == "none"]
+    assert oracle and [r["type"] for r in honest] == ["rank"] and len(oracle) + len(honest) == len(ensembles), table
     metrics = page.locator("[data-testid=stMetric]").all_inner_texts()
     assert any("Best single model" in m and f"{best_single:.4f}" in m for m in metrics), metrics
+    best_oracle = max(float(r["map@k"]) for r in oracle)
     assert any("Best ensemble, oracle (tuned on eval)" in m and f"{best_oracle:.4f}" in m for m in metrics), metrics
-    assert not any("chosen without eval" in m for m in metrics), metrics
-    page.get_by_text("No ensemble chosen without the eval split yet").wait_for()
+    assert any("chosen without eval" in m and f"{float(honest[0]['map@k']):.4f}" in m for m in metrics), metrics
+    # every method priced by its dims: one point each on the cost plot
+    widget(page, "lb:cost_by").get_by_text("dims", exact=True).click()
+    settle(page)
+    chart = page.locator(".st-key-lb-pareto [data-testid=stPlotlyChart]")
+    chart.locator(".main-svg").first.wait_for()
+    assert chart.locator(".scatterlayer .point").count() == len(table)
+    page.get_by_text(re.compile(r"Best within [\d.]+ dims: ")).wait_for()
+    clean(page)
 
 
 def test_a_link_to_a_server_path_is_refused(page, app):
@@ -224,8 +240,8 @@ def test_query_explorer_click_a_thumbnail_changes_the_query(page, app, shot):
     page.locator("h3", has_text=f"Query #{row}:").wait_for()
     settle(page)
     assert query_params(page).get("query") == row, page.url
-    captions = page.locator("[data-testid=stCaptionContainer]", has_text=re.compile(r"\d\.\d{3}\s+#\d+ "))
-    assert captions.count() == 10 * 2  # k=10 results for each of the two default methods
+    captions = page.locator("[data-testid=stCaptionContainer]", has_text=re.compile(r"(\d\.\d{3}|rank \d+)\s+#\d+ "))
+    assert captions.count() == 10 * 2  # k=10 results for each of the two default methods (a similarity or a rank)
     clean(page)
     shot("06b-explorer-query")
     page.reload()
@@ -257,3 +273,88 @@ def test_fresh_server_deep_link_uses_the_apps_navigation(browser, e2e_workspace)
             assert "Workspace:" in sidebar(page)
         finally:
             page.context.close()
+
+
+def eval_result_ids(app) -> dict[str, int]:
+    """The prepared workspace's evaluate and fuse results at k=10, by method label, from its runs DB."""
+    from core import db
+    from core.workspace import Workspace
+    engine = db.make_engine(Workspace.open(app.workspace).db_url)
+    try:
+        with db.read_session(engine) as session:
+            return {r.method: r.id for r in session.query(db.Result).order_by(db.Result.id).all()
+                    if r.run.kind in ("evaluate", "fuse") and (r.metrics or {}).get("k") == 10}
+    finally:
+        engine.dispose()
+
+
+def test_query_explorer_shows_rank_fusion_and_lists_from_stored_scores(page, app, shot):
+    """A model beside reciprocal rank fusion: rrf shows its ranking (ranks, no similarity); the 'ensemble fixed'
+    list says it read the scores stored with both results, i.e. nothing searched the eval set again."""
+    ids = eval_result_ids(app)
+    single, rrf = ids[MODELS[0]], next(i for label, i in ids.items() if label.startswith("rrf over"))
+    open_page(page, app, "Query explorer", params=f"dataset={app.dataset}&methods={single},{rrf}")
+    clean(page)
+    main = page.locator("[data-testid=stMain]")
+    main.locator("h3", has_text="Query #").wait_for()
+    ranks = page.locator("[data-testid=stCaptionContainer]", has_text=re.compile(r"rank \d+\s+#\d+ "))
+    assert ranks.count() == 10
+    widget(page, "explorer:how").get_by_text("ensemble fixed", exact=True).click()
+    settle(page)
+    main.get_by_text(f"AP@10 stored with result {rrf}").wait_for()
+    assert f"AP@10 stored with result {single}" in main.inner_text()
+    assert "computed here" not in main.inner_text()
+    clean(page)
+    shot("06c-explorer-rrf")
+
+
+def test_leaderboard_exports_a_concatenation_and_explains_rank_fusion(page, app):
+    open_page(page, app, "Leaderboard")
+    clean(page)
+    table = rows_of(grid_csv(page, "lb:table"))
+    grid_click_row(page, "lb:table", next(i for i, r in enumerate(table) if r["type"] == "concat"))
+    page.get_by_role("button", name=re.compile("Export as an artifact")).click()
+    page.get_by_text(re.compile(r"Exported to .*result")).wait_for()
+    settle(page)
+    with page.expect_download() as download:
+        page.get_by_role("button", name=re.compile("Download the artifact")).click()
+    with zipfile.ZipFile(download.value.path()) as archive:
+        assert any(name.endswith("/manifest.json") for name in archive.namelist()), archive.namelist()
+    grid_click_row(page, "lb:table", next(i for i, r in enumerate(table) if r["type"] == "rank"))
+    page.get_by_text(re.compile(r"rrf over .* does not export: it merges result lists")).wait_for()
+    assert not page.get_by_role("button", name=re.compile("Export as an artifact")).count()
+    clean(page)
+
+
+def test_complementarity_from_the_page_runs_on_the_worker(page, app, shot):
+    open_page(page, app, "Complementarity")
+    clean(page)
+    launch = page.locator("[data-testid=stExpander]", has_text="Compare models")
+    if not widget(page, "comp:k").is_visible():
+        launch.locator("summary").click()
+    launch.get_by_role("button", name=re.compile("Compare the models")).click()
+    # The worker runs it; the job panel reruns the page when the job ends (a reused workspace shows it at once).
+    page.get_by_text("Upper bound: picking").wait_for(timeout=240_000)
+    settle(page)
+    charts = page.locator("[data-testid=stPlotlyChart]")
+    charts.nth(5).locator(".main-svg").first.wait_for()
+    assert charts.count() == 6  # overlap, Jaccard, CKA, two AP correlations, pair oracle
+    assert set(rows_of(grid_csv(page, page.locator("[data-testid=stDataFrame]").first))[0]) >= {"model", "map@k"}
+    clean(page)
+    shot("03c-complementarity")
+
+
+def test_embedding_map_box_selection_shows_the_images(page, app):
+    """Dragging a box over the map selects its points: their thumbnails and links to the explorer appear."""
+    open_page(page, app, "Embedding map")
+    chart = page.locator(".st-key-map-chart [data-testid=stPlotlyChart]")
+    chart.locator(".legendtext").first.wait_for()
+    area = chart.locator(".nsewdrag").first.bounding_box()
+    page.mouse.move(area["x"] + 2, area["y"] + 2)
+    page.mouse.down()
+    page.mouse.move(area["x"] + area["width"] - 2, area["y"] + area["height"] - 2, steps=12)
+    page.mouse.up()
+    page.get_by_text(re.compile(r"200 point\(s\) selected; the first 12 are shown")).wait_for()
+    settle(page)
+    assert page.get_by_role("link", name=re.compile(r"Open #\d+")).count() == 12
+    clean(page)
