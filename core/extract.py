@@ -176,6 +176,7 @@ def _run(imageset: ImageSet, models: list[EmbeddingModel], todo: list[set[Shard]
     if done:
         reporter.progress(done / n, f"{label}: resuming, {done:,}/{n:,} images done by an earlier run")
     pending: list[list[np.ndarray]] = [[] for _ in models]
+    spent = [0.0 for _ in models]  # each model's own time on its pending shard: what an image costs it
     processed, started = 0, time.perf_counter()
     with torch.inference_mode():
         for rows, inputs, failure in loader:
@@ -186,10 +187,13 @@ def _run(imageset: ImageSet, models: list[EmbeddingModel], todo: list[set[Shard]
             for position, (model, batch) in enumerate(zip(models, inputs)):
                 if batch is None:
                     continue
+                tick = time.perf_counter()
                 pending[position].append(embed_batch(model, batch, device))
+                spent[position] += time.perf_counter() - tick
                 if shard_ends:
-                    _commit_shard(cache, imageset, model, shard_start, np.concatenate(pending[position]))
-                    pending[position] = []
+                    _commit_shard(cache, imageset, model, shard_start, np.concatenate(pending[position]),
+                                  spent[position], device)
+                    pending[position], spent[position] = [], 0.0
             processed += len(rows)
             done += len(rows)
             speed = processed / max(time.perf_counter() - started, 1e-9)
@@ -200,7 +204,7 @@ def _run(imageset: ImageSet, models: list[EmbeddingModel], todo: list[set[Shard]
 
 
 def _commit_shard(cache: EmbeddingCache, imageset: ImageSet, model: EmbeddingModel, start: int,
-                  array: np.ndarray) -> None:
+                  array: np.ndarray, seconds: float, device: str) -> None:
     bad = np.flatnonzero(~np.isfinite(array).all(axis=1))
     if len(bad):
         examples = ", ".join(imageset.paths[start + int(row)] for row in bad[:3])
@@ -208,4 +212,5 @@ def _commit_shard(cache: EmbeddingCache, imageset: ImageSet, model: EmbeddingMod
             f"Model {model.name!r} produced NaN or inf embeddings for {len(bad)} images of rows "
             f"{start}..{start + len(array) - 1} (e.g. {examples}); nothing of them was cached. Check the model's "
             "weights, and on a GPU try device 'cpu' to rule out reduced precision.")
-    cache.put_shard(imageset.fingerprint, model.cache_key, start, array)
+    cache.put_shard(imageset.fingerprint, model.cache_key, start, array, seconds=seconds,
+                    device=f"{device} ({model.backend})")

@@ -116,7 +116,8 @@ def _embeddings(imageset: ImageSet, config, workspace: Workspace, reporter: Repo
     """The models' embeddings of `imageset`, in the order of `config.models`: read from the cache, or
     extracted (and cached) for the ones that are missing."""
     device = None if config.device == "auto" else config.device
-    sets = extract_embeddings(imageset, list(config.models), EmbeddingCache(workspace.embeddings),
+    embedded = imageset.only("eval") if config.eval_only else imageset
+    sets = extract_embeddings(embedded, list(config.models), EmbeddingCache(workspace.embeddings),
                               device=device, reporter=reporter, force=force)
     return [sets[m] for m in config.models]
 
@@ -139,8 +140,11 @@ def _scored(method: Method, scores: QueryScores, selected_on: str, split: str, *
 
 
 def _rows(imageset: ImageSet, config) -> tuple[np.ndarray, np.ndarray, str]:
-    """(train rows, eval rows, the split label results are stored under) for the job's protocol."""
+    """(train rows, eval rows, the split label results are stored under) for the job's protocol; with
+    eval_only, rows of the eval split's own embeddings (the same images in the same order)."""
     train_rows, eval_rows = imageset.protocol_rows(config.protocol)
+    if config.eval_only:
+        train_rows, eval_rows = train_rows[:0], np.arange(len(eval_rows))
     if len(eval_rows) < 2:
         raise ValueError(f"the eval split of {imageset.name!r} has {len(eval_rows)} images; retrieval needs at least 2")
     k = getattr(config, "k", None)

@@ -34,10 +34,11 @@ def test_model_status_knows_what_is_cached(image_folder, workspace):
     assert [s.model_name for s in catalog.cached_sets(cache, imageset.fingerprint)] == ["random:test_efficientnet"]
 
 
-def test_demo_plan_names_the_four_packaged_models():
+def test_demo_plan_fills_the_leaderboard_model_by_model_before_the_train_split():
     from core.configs import DEMO_MODELS, demo_jobs
 
     plan = demo_jobs()
-    assert [c.kind for c in plan] == ["extract", "evaluate", "sweep"]
-    assert all(c.dataset == "demo" and c.models == DEMO_MODELS for c in plan)
-    assert plan[2].weights == (0, 1, 2, 3, 4, 5)  # the reference study's grid
+    assert [c.kind for c in plan] == ["evaluate"] * 4 + ["sweep", "extract", "select_weights", "train_head"]
+    assert [c.models for c in plan[:4]] == [(m,) for m in DEMO_MODELS]  # one leaderboard row per model
+    assert all(c.eval_only for c in plan[:5]) and not any(c.eval_only for c in plan[5:])
+    assert all(c.dataset == "demo" for c in plan) and plan[4].weights == (0, 1, 2, 3, 4, 5)  # the study's grid

@@ -209,3 +209,21 @@ def test_greedy_selection_job_keeps_its_path_and_complementarity_job_its_summary
         summary = db.get_run(session, run_id).summary
     assert summary["models"] == MODELS and summary["split"] == "eval"
     assert len(summary["cka"]) == 2 and summary["cka"][0][0] == pytest.approx(1.0)
+
+
+def test_eval_only_jobs_score_the_same_queries_and_extraction_records_each_models_cost(engine, tmp_path):
+    workspace, eng = engine
+    common = {"dataset": str(split_folder(tmp_path / "images", 4, 6)), "models": MODELS[:1], "device": "cpu"}
+    first = run_job("evaluate", EvaluateConfig(**common, k=3, eval_only=True).to_dict(), SILENT, workspace, eng)
+    full = run_job("evaluate", EvaluateConfig(**common, k=3).to_dict(), SILENT, workspace, eng)
+    with db.read_session(eng) as session:
+        a, b = (db.get_run(session, r).results[0] for r in (first, full))
+    assert a.metrics == pytest.approx(b.metrics) and a.metrics["n_queries"] == 12
+    from core.configs import ExtractConfig
+
+    run_job("extract", ExtractConfig(**common).to_dict(), SILENT, workspace, eng)
+    with db.read_session(eng) as session:
+        (row,) = db.embedding_sets_for_dataset(session, db.list_datasets(session)[0].fingerprint)
+    assert row.n == 20 and row.seconds_per_image > 0 and row.device.startswith("cpu")
+    with pytest.raises(ConfigError, match="eval_only"):
+        TrainHeadConfig(**common, eval_only=True)
