@@ -19,6 +19,7 @@ from core.configs import (DEFAULT_GRID, DEFAULT_K, DEMO_MODELS, DEMO_SOURCE, FUS
 from core.datasets import PROTOCOL_SPLIT, PROTOCOLS, open_dataset
 from core.errors import user_message
 from core.export import embed_command, export_result
+from core.extract import EXPORTS_FOLDER
 from core.heads import HEAD_KINDS, LOSSES
 from core.leaderboard import board, entries_for_dataset, headline, headline_text, rows, to_markdown
 from core.methods import ORACLE_LABEL
@@ -179,7 +180,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    embed_command(args.artifact, args.images, args.out)
+    workspace = Workspace.open(args.workspace)
+    embed_command(args.artifact, args.images, args.out, export_dir=workspace.embeddings / EXPORTS_FOLDER)
     print(f"wrote {args.out}")
     return 0
 

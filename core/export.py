@@ -116,10 +116,11 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
 
 
 def embed_images(artifact: Artifact, images: Sequence[Image.Image | str | os.PathLike], *, device: str | None = None,
-                 batch_size: int = 32) -> np.ndarray:
-    """PIL images or image paths -> N x dim float32, L2-normalised, as the dashboard embedded them."""
+                 batch_size: int = 32, export_dir: str | os.PathLike | None = None) -> np.ndarray:
+    """PIL images or image paths -> N x dim float32, L2-normalised, as the dashboard embedded them.
+    `export_dir`: where CPU model exports are kept (a workspace's), so they are not rebuilt each call."""
     device = resolve_device(device)
-    models = [load_model(name, device) for name in artifact.method.models]
+    models = [load_model(name, device, export_dir=export_dir) for name in artifact.method.models]
     outputs: list[list[np.ndarray]] = [[] for _ in models]
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
@@ -141,11 +142,12 @@ def _as_rgb(image) -> Image.Image:
 
 
 def embed_command(artifact_path: str | os.PathLike, image_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike,
-                  *, device: str | None = None, batch_size: int = 32) -> Path:
+                  *, device: str | None = None, batch_size: int = 32, export_dir: str | os.PathLike | None = None) -> Path:
     """`python -m core embed`: embed images with an exported method into a float32 .npy (rows in the
     order given). Returns the written path."""
     missing = [str(p) for p in image_paths if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} image paths do not exist, e.g. {missing[:3]}")
-    vectors = embed_images(load_artifact(artifact_path), list(image_paths), device=device, batch_size=batch_size)
+    vectors = embed_images(load_artifact(artifact_path), list(image_paths), device=device, batch_size=batch_size,
+                           export_dir=export_dir)
     return atomic_write(out_path, lambda handle: np.save(handle, vectors.astype(np.float32), allow_pickle=False))
