@@ -16,7 +16,7 @@ import streamlit as st
 from core import catalog, views
 from core import leaderboard as lb
 from core.datasets import PROTOCOL_SPLIT, ImageSet, open_dataset
-from core.explorer import cached_arrays, query_scores
+from core.explorer import ExplorerError, cached_arrays, query_scores
 from core.methods import Method
 from core.metrics import QueryScores, depth_needed, query_scores_from_ranking, relevant_counts
 from core.projection import project, sample_positions
@@ -57,8 +57,9 @@ def entries(imageset: ImageSet | str, protocol: str = "image") -> list[lb.Entry]
 
 
 def cached_models(imageset: ImageSet) -> list[str]:
-    """Models with cached embeddings of this dataset (core.catalog.cached_sets)."""
-    return [s.model_name for s in catalog.cached_sets(state.embedding_cache(), imageset.fingerprint)]
+    """Models with cached embeddings of this dataset or of its eval split alone (core.catalog.cached_sets)."""
+    fingerprints = {imageset.fingerprint, imageset.only("eval").fingerprint}
+    return sorted({s.model_name for s in state.embedding_cache().list() if s.dataset_fingerprint in fingerprints})
 
 
 def thumb(imageset: ImageSet, row: int, size: int = 128) -> str | None:
@@ -68,18 +69,34 @@ def thumb(imageset: ImageSet, row: int, size: int = 128) -> str | None:
 
 # --- methods ----------------------------------------------------------------------------------------------
 
+def _arrays(imageset: ImageSet, method: Method, protocol: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The method's models' cached embeddings and the rows of the query split in them: the whole dataset's
+    (core.explorer.cached_arrays), or, before the train split is embedded (the demo's first look), the eval
+    split's own set (core.datasets.ImageSet.only), which holds the eval rows in order."""
+    cache, models = state.embedding_cache(), list(method.used_models)
+    try:
+        return cached_arrays(cache, imageset, models), eval_rows(imageset, protocol)
+    except ExplorerError as missing:
+        if protocol != "image":
+            raise
+        part = imageset.only("eval")
+        try:
+            return cached_arrays(cache, part, models), np.arange(len(part))
+        except ExplorerError:
+            raise missing from None
+
+
 def _key(imageset: ImageSet, method: Method, protocol: str) -> str:
     """The dataset, the method, the protocol and the state of each embedding file the method reads (a
-    re-extraction is a new key)."""
-    arrays = cached_arrays(state.embedding_cache(), imageset, list(method.used_models))
-    files = sorted((name, os.stat(a.filename).st_mtime_ns) for name, a in arrays.items())
+    re-extraction, or the whole set replacing the eval split's own, is a new key)."""
+    arrays, _ = _arrays(imageset, method, protocol)
+    files = sorted((name, a.filename, os.stat(a.filename).st_mtime_ns) for name, a in arrays.items())
     return f"{imageset.fingerprint}|{protocol}|{method.to_dict()}|{files}"
 
 
 @st.cache_resource(show_spinner="Building the method's embeddings ...", max_entries=4)  # 50k x 5k floats = 1 GB
 def _method_embeddings(key: str, _imageset: ImageSet, _method: Method, protocol: str) -> np.ndarray:
-    arrays = cached_arrays(state.embedding_cache(), _imageset, list(_method.used_models))
-    return _method.embeddings(arrays, eval_rows(_imageset, protocol))
+    return _method.embeddings(*_arrays(_imageset, _method, protocol))
 
 
 def method_embeddings(imageset: ImageSet, method: Method, protocol: str = "image") -> np.ndarray:
@@ -89,8 +106,8 @@ def method_embeddings(imageset: ImageSet, method: Method, protocol: str = "image
 
 @st.cache_resource(show_spinner="Ranking every query ...", max_entries=4)  # 50k x 100 positions = 40 MB
 def _method_ranking(key: str, depth: int, _imageset: ImageSet, _method: Method, protocol: str) -> np.ndarray:
-    arrays = cached_arrays(state.embedding_cache(), _imageset, list(_method.used_models))
-    return _method.ranking(arrays, eval_rows(_imageset, protocol), depth)
+    arrays, rows = _arrays(_imageset, _method, protocol)
+    return _method.ranking(arrays, rows, depth)
 
 
 def method_ranking(imageset: ImageSet, method: Method, depth: int, protocol: str = "image") -> np.ndarray:

@@ -614,8 +614,8 @@ def test_pages_without_cached_embeddings(monkeypatch, tmp_path, seeded):
 
 
 def test_the_demo_is_one_click(monkeypatch, empty):
-    """With a worker alive (registered through core.jobs), one click queues extract, evaluate and sweep
-    of the four packaged models on the demo, and the dataset becomes the current one."""
+    """With a worker alive (registered through core.jobs), one click queues the demo's jobs
+    (core.configs.demo_jobs) and the dataset becomes the current one; while they wait, no second offer."""
     engine = db.make_engine(Workspace.open(empty).db_url)
     db.init_db(engine)
     jobs.register_worker(engine, "test-worker")
@@ -624,8 +624,8 @@ def test_the_demo_is_one_click(monkeypatch, empty):
     no_exception(at)
     queued = sorted(jobs.list_jobs(engine), key=lambda j: j.id)
     demo = configs.demo_jobs()
-    assert [j.kind for j in queued] == [c.kind for c in demo] and queued[0].kind == "extract"
-    assert all(j.params["dataset"] == "demo" and len(j.params["models"]) == 4 for j in queued)
+    assert [j.params for j in queued] == [c.to_dict() for c in demo]
+    assert all(j.params["dataset"] == "demo" for j in queued)
     assert at.query_params["dataset"] in ("demo", ["demo"])
     assert any("Demo queued" in e.value for e in at.success)
     at = app(monkeypatch, empty, "pages/start.py")  # while its jobs wait, the demo is not offered again
@@ -942,3 +942,35 @@ def test_an_uploaded_image_searches_only_with_methods_that_embed_one(monkeypatch
     no_exception(at)
     assert len([c for c in at.caption if re.search(r"\d\.\d{3}  \n#\d+ ", c.value)]) == 3  # the single model only
     assert any(plain(c.value).startswith(f"{rrf.method} does not export: it merges result lists") for c in at.caption)
+
+
+def test_the_first_look_explores_the_eval_split_before_the_train_split_is_embedded(monkeypatch, seeded, tmp_path):
+    """The demo's first jobs embed only the eval split (cached as a set of its own): the explorer and the
+    map already work on it, and the query's neighbours are those of a brute-force search of that split."""
+    root = tmp_path / "first-look"
+    ws = Workspace.open(root)
+    engine = db.make_engine(ws.db_url)
+    db.init_db(engine)
+    for model in MODELS:
+        tasks.run_job("evaluate", {"dataset": seeded["source"], "models": [model], "k": K, "eval_only": True},
+                      SILENT, ws, engine)
+    at = app(monkeypatch, root, "pages/query_explorer.py", roots=seeded["base"], dataset=seeded["source"],
+             query=9, k=3)
+    no_exception(at)
+    marks = [plain(c.value) for c in at.caption if c.value.startswith((":green[", ":red["))]
+    assert len(marks) == 2 * 3
+    from core.cache import EmbeddingCache
+    from core.models import cache_key_for
+    eval_rows = [r for c in range(3) for r in range(8 * c, 8 * c + 4)]
+    first = at.multiselect(key="explorer:methods").value[0]  # the model whose results come first
+    sets = {s.model_name: s for s in EmbeddingCache(ws.embeddings).list()}
+    x = np.asarray(sets[first].load(), dtype=np.float64)
+    assert len(x) == 12 and sets[first].cache_key == cache_key_for(first)  # the eval split alone
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = eval_rows.index(9)
+    expected = sorted((j for j in range(12) if j != q), key=lambda j: (-x[q] @ x[j], j))[:3]
+    shown = [int(re.search(r"#(\d+)", m).group(1)) for m in marks[:3]]
+    assert shown == [eval_rows[j] for j in expected]
+    at = app(monkeypatch, root, "pages/embedding_map.py", roots=seeded["base"], dataset=seeded["source"])
+    no_exception(at)
+    assert sum(len(values(t["x"])) for t in charts(at)[0]["data"]) == 12
