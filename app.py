@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import jobs
+from core import db, jobs
 from core.views import md
 from pages import state, widgets
 
@@ -40,6 +40,11 @@ with st.sidebar, widgets.guarded():
     st.caption(f"Workspace: {md(state.workspace().root)}")
     st.caption(f"Dataset: {md(source)}" if source else "Dataset: none chosen yet")
     st.caption(f"Device: **{md(state.device())}**")
+    problem = jobs.queue_problem(engine, state.workspace())
+    if problem:
+        st.error(md(problem), icon=":material/error:")
+        if db.check_same_file(engine):
+            st.button("Reopen the runs database", key="sidebar:reopen_db", on_click=state.reopen_database)
     if jobs.worker_alive(engine):
         st.success("Worker running", icon=":material/play_circle:")
     else:

@@ -189,9 +189,11 @@ def projection(imageset: ImageSet, method: Method, how: str, max_points: int) ->
 
 @st.cache_resource(show_spinner="Loading the model for uploads ...", max_entries=8)
 def loaded_model(name: str):
-    """A model on the CPU for embedding an uploaded image; loaded on the first upload, not before."""
+    """A model on the CPU for embedding an uploaded image; loaded on the first upload, not before (it
+    imports the model stack), reusing the worker's CPU export of it."""
+    from core.extract import EXPORTS_FOLDER
     from core.models import load_model
-    return load_model(name, "cpu")
+    return load_model(name, "cpu", export_dir=state.workspace().embeddings / EXPORTS_FOLDER)
 
 
 # --- paired comparisons (bootstraps over the queries: seconds on a large eval set, so computed once) ------

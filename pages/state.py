@@ -75,6 +75,11 @@ def _engine(url: str):
     return engine
 
 
+def reopen_database() -> None:
+    """Drop this process's engine, so the next call opens the file now at the runs DB's path."""
+    _engine.clear()
+
+
 def embedding_cache() -> EmbeddingCache:
     return EmbeddingCache(workspace().embeddings)
 

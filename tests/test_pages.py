@@ -974,3 +974,25 @@ def test_the_first_look_explores_the_eval_split_before_the_train_split_is_embedd
     at = app(monkeypatch, root, "pages/embedding_map.py", roots=seeded["base"], dataset=seeded["source"])
     no_exception(at)
     assert sum(len(values(t["x"])) for t in charts(at)[0]["data"]) == 12
+
+
+def test_a_runs_db_replaced_under_the_dashboard_is_said_and_can_be_reopened(monkeypatch, copied):
+    """The sidebar's check (core.jobs.queue_problem) names the replaced file; the sidebar's "Reopen the
+    runs database" callback (state.reopen_database) makes the dashboard read the file now at that path.
+    (AppTest records no sidebar elements under st.navigation, so the two are driven directly.)"""
+    from pages import state
+
+    at = app(monkeypatch, copied, "pages/start.py")
+    no_exception(at)
+    engine = state.engine()
+    assert jobs.queue_problem(engine, state.workspace()) is None
+    db_file = Path(copied) / "runs.db"
+    replacement = Path(copied) / "other.db"
+    shutil.copy(db_file, replacement)
+    db_file.unlink()
+    replacement.rename(db_file)  # same path, another file: a restore from a backup, say
+    assert "replaced by another file" in jobs.queue_problem(engine, state.workspace())
+    state.reopen_database()
+    assert state.engine() is not engine and jobs.queue_problem(state.engine(), state.workspace()) is None
+    at.run()
+    no_exception(at)
