@@ -309,12 +309,17 @@ def init_db(engine: Engine) -> str | None:
         if engine.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         current = MigrationContext.configure(connection).get_current_revision()
-        if current == head:
+        ours = set(inspect(connection).get_table_names()) & set(Base.metadata.tables)
+        if current == head and ours:
             return None
         config = AlembicConfig()
         config.set_main_option("script_location", str(MIGRATIONS))
         config.attributes["connection"] = connection
-        existing = _columns_of_our_tables(connection)
+        existing = _columns_of_our_tables(connection, ours)
+        if current is not None and not existing:
+            # A version row without any of our tables (emptied with drop_all, say): build the schema afresh.
+            command.stamp(config, "base", purge=True)
+            current = None
         if current is None and _is_newest_schema(existing):
             # Made by this release's create_all before migrations existed: already the newest schema.
             command.stamp(config, head)
@@ -338,10 +343,9 @@ def schema_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
-def _columns_of_our_tables(connection) -> dict[str, set[str]]:
-    """Table name -> column names, for the tables of this schema that the DB has."""
+def _columns_of_our_tables(connection, names: set[str]) -> dict[str, set[str]]:
+    """Table name -> column names, for `names`: the tables of this schema that the DB has."""
     inspector = inspect(connection)
-    names = set(inspector.get_table_names()) & set(Base.metadata.tables)
     return {name: {column["name"] for column in inspector.get_columns(name)} for name in names}
 
 

@@ -32,6 +32,7 @@ from core import jobs
 from core.db import Job, check_same_file, init_db, make_engine
 from core.errors import database_unwritable, user_message
 from core.progress import JobCancelled, Reporter
+from core.ray_executor import RayExecutor, RayUnavailable, connect
 from core.tasks import run_job
 from core.workspace import Workspace
 
@@ -50,14 +51,10 @@ class Executor(Protocol):
 class LocalExecutor:
     """Runs the job's handler (core.tasks) in this process, on this host's device.
 
-    A second executor would hand the job to an existing distributed engine rather than run it here,
-    and the worker around it would not change: claiming, heartbeats, cancel and the DB rows stay
-    with the worker, placement and restarts of the pieces with the engine. For example a
-    `RayExecutor` would connect with `ray.init(address=...)` and `ray.get` a remote task (or a Ray
-    Data pipeline over the image shards) while polling `reporter.check_cancel()` and calling
-    `ray.cancel` on JobCancelled; a `TorchrunExecutor` would launch
-    `torchrun --nproc-per-node=N -m <module> ...` as a subprocess, wait on it while checking cancel,
-    and terminate it on JobCancelled. Never a home-made scheduler that splits work across hosts.
+    The other executor, core.ray_executor.RayExecutor (`--executor ray`), hands extraction and evaluation
+    to a Ray cluster; the worker around it does not change: claiming, heartbeats, cancel and the DB rows
+    stay with the worker, placement and restarts of the pieces with the engine. Never a home-made
+    scheduler that splits work across hosts.
     """
 
     def __init__(self, workspace: Workspace, engine: Engine):
@@ -274,11 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, seconds the current job may take to finish before it is re-queued")
     p.add_argument("--progress-interval", type=float, default=0.5, help="least seconds between progress writes")
     p.add_argument("--worker-id", help="name in the workers table (default: host:pid:random)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: run each job in this process (default); ray: extraction and evaluation on a Ray "
+                        "cluster, other kinds here (docs/scaling.md)")
+    p.add_argument("--ray-address", help="with --executor ray: the cluster's head, e.g. 10.0.0.1:6379 or auto "
+                                         "(default: $RAY_ADDRESS, else a Ray instance started on this host)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.ray_address and args.executor != "ray":
+        parser.error("--ray-address needs --executor ray")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
     workspace = Workspace.open(args.workspace)
@@ -299,7 +304,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         kinds=[k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None,
         once=args.once,
     )
-    worker = Worker(engine, LocalExecutor(workspace, engine), settings, args.worker_id, workspace)
+    if args.executor == "ray":
+        try:
+            connect(args.ray_address)
+        except RayUnavailable as error:
+            log.error("worker not started: %s", error)
+            return 2
+        executor: Executor = RayExecutor(workspace, engine)
+    else:
+        executor = LocalExecutor(workspace, engine)
+    worker = Worker(engine, executor, settings, args.worker_id, workspace)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: worker.stop())
     try:

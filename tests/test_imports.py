@@ -13,7 +13,7 @@ LAYERS = {
                                     "metrics", "stats", "projection", "thumbnails"],
     "retrieval methods": ["fusion", "sweep", "heads", "selection", "ensemble_search", "complementarity", "methods"],
     "data": ["datasets", "models", "cache", "extract", "scores"],
-    "runs": ["db", "jobs", "configs", "tasks", "worker"],
+    "runs": ["db", "jobs", "configs", "tasks", "ray_executor", "worker"],
     "views for pages and the CLI": ["leaderboard", "explorer", "export", "catalog", "views", "__main__"],
 }
 LAYER_OF = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}

@@ -215,6 +215,14 @@ def test_an_unversioned_database_with_todays_tables_is_stamped_without_a_copy(ur
     assert backups(url) == []
 
 
+def test_a_database_emptied_of_its_tables_is_built_again(url, engines):
+    engine = engines(url)
+    db.init_db(engine)
+    db.Base.metadata.drop_all(engine)  # the alembic_version row stays behind
+    assert db.init_db(engine) is None
+    assert db.schema_revision(engine) == HEAD and schema_differences(engine) == []
+
+
 def test_openers_starting_together_migrate_once(url, engines):
     write_first_release(engines(url))
     openers = [engines(url) for _ in range(4)]

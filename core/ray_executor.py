@@ -1,0 +1,352 @@
+"""The Ray executor (`python -m core worker --executor ray [--ray-address ADDR]`): extraction and evaluation
+spread over a Ray cluster; every other job kind runs in the worker's process, as with the local executor.
+
+Extraction: Ray Data over the dataset's shards (the fixed row ranges of core.extract's grid): parallel tasks
+read the files' bytes, then `map_batches` runs one actor class holding the job's models (one actor per GPU
+with num_gpus=1; on a CPU-only cluster one per node), which decodes each image once, embeds it with every
+model that still misses its shard, and commits the shard with `EmbeddingCache.put_shard`: the same files a
+local extraction writes, so either executor resumes the other's work. This worker, the driver, reports every
+committed shard to the job row and checks cancel between them (leaving the pipeline shuts its actors down),
+then assembles the sets. Ray Data restarts a lost actor and redoes its shard; a lost worker's job is re-queued
+by the next worker (core.jobs), whose attempt computes only the shards still missing.
+
+Evaluation: exact k-NN with the queries split in one block per actor, each actor holding the whole gallery
+(put in the object store once); the rankings are merged in query order and scored by core.metrics as in one
+process, so the metrics are those of the local executor.
+
+Every node needs this code at the same path (or installed) and the workspace on a filesystem all of them
+mount: actors read the images and write the cache there. See docs/scaling.md.
+"""
+from __future__ import annotations
+
+import io
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from sqlalchemy import Engine
+
+from core import db, jobs
+from core.cache import EmbeddingCache, EmbeddingSet
+from core.configs import EvaluateConfig, ExtractConfig
+from core.datasets import PROTOCOL_SPLIT, DatasetError, ImageSet, open_dataset, to_rgb
+from core.devices import resolve_device
+from core.extract import DEFAULT_SHARD_SIZE, EXPORTS_FOLDER, embed_batch
+from core.methods import Method
+from core.metrics import QueryScores, depth_needed, query_scores_from_ranking, relevant_counts
+from core.models import cache_key_for, load_model, rgb_array
+from core.progress import SILENT, Reporter
+from core.scores import save_query_scores
+from core.search import top_k
+from core.tasks import run_job
+from core.vectors import l2_normalize
+from core.workspace import Workspace
+
+RAY_REQUIREMENT = "ray[data]==2.60.0"
+READ_CPUS = 0.5  # per file-reading task: it waits on storage more than it computes
+
+
+class RayUnavailable(RuntimeError):
+    """Ray is not installed here, or the cluster cannot be reached."""
+
+
+def ray_module():
+    """The `ray` package, or RayUnavailable saying how to install it (the dashboard and demo never need it)."""
+    try:
+        import ray
+    except ImportError:
+        raise RayUnavailable(f"--executor ray needs Ray on this machine and on every node of the cluster: "
+                             f"pip install '{RAY_REQUIREMENT}'") from None
+    return ray
+
+
+def connect(address: str | None = None) -> None:
+    """Join the Ray cluster at `address` ("auto": the one `ray start` made on this host); without one, Ray's
+    own default ($RAY_ADDRESS, else a new single-host instance). A session already connected is reused."""
+    ray = ray_module()
+    if ray.is_initialized():
+        return
+    host, _, port = (address or "").rpartition(":")
+    if host and port.isdigit():  # a head's host:port; Ray itself would retry an unreachable one for minutes
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except OSError as error:
+            raise RayUnavailable(f"No Ray cluster answers at {address} ({error.strerror or error}): start its head "
+                                 f"there with `ray start --head --port={port}` (docs/scaling.md), or give the "
+                                 "address that `ray start --head` printed.") from None
+    ray.init(address=address, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False  # progress goes to the job row
+
+
+class RayExecutor:
+    """Runs extract and evaluate jobs on the Ray cluster this process is connected to (`connect`)."""
+
+    def __init__(self, workspace: Workspace, engine: Engine, *, shard_size: int = DEFAULT_SHARD_SIZE):
+        self.workspace, self.engine, self.shard_size = workspace, engine, shard_size
+
+    def run(self, job: db.Job, reporter: Reporter) -> int | None:
+        with jobs.running(job.id):
+            if job.kind == ExtractConfig.kind:
+                return self._extract(ExtractConfig.from_dict(job.params), job.id, reporter)
+            if job.kind == EvaluateConfig.kind:
+                return self._evaluate(EvaluateConfig.from_dict(job.params), job.id, reporter)
+            return run_job(job.kind, dict(job.params), reporter, self.workspace, self.engine)
+
+    # The bookkeeping below is that of core.tasks' extract and evaluate handlers, around the Ray work.
+
+    def _start(self, kind: str, title: str, config, job_id: int) -> tuple[ImageSet, int]:
+        """Open and record the dataset, open the job's run. `title` may name {dataset}."""
+        imageset = open_dataset(config.dataset, self.workspace, limit_per_class=config.limit_per_class)
+        with db.begin_immediate(self.engine) as session:
+            dataset = db.record_dataset(
+                session, name=imageset.name, source=config.dataset, fingerprint=imageset.fingerprint,
+                n_images=len(imageset), n_classes=len(imageset.class_names), n_skipped=len(imageset.skipped))
+            run = db.start_run(session, kind=kind, title=title.format(dataset=dataset.name) + " (on Ray)",
+                               config=config.to_dict(), dataset_id=dataset.id, job_id=job_id)
+        return imageset, run.id
+
+    def _embeddings(self, imageset: ImageSet, config, reporter: Reporter, force: bool = False) -> list[EmbeddingSet]:
+        sets = extract_on_ray(imageset, list(config.models), EmbeddingCache(self.workspace.embeddings),
+                              device=config.device, reporter=reporter, force=force, shard_size=self.shard_size)
+        return [sets[m] for m in config.models]
+
+    def _extract(self, config: ExtractConfig, job_id: int, reporter: Reporter) -> int:
+        imageset, run_id = self._start("extract", f"extract {', '.join(config.models)} on {{dataset}}", config, job_id)
+        sets = self._embeddings(imageset, config, reporter, force=config.force)
+        with db.begin_immediate(self.engine) as session:
+            dataset = db.get_dataset(session, imageset.fingerprint)
+            for es in sets:
+                db.record_model(session, name=es.model_name, dim=es.dim)
+                db.record_embedding_set(
+                    session, dataset_id=dataset.id, model_name=es.model_name, cache_key=es.cache_key,
+                    path=str(es.path), n=es.n, dim=es.dim, dtype=es.dtype,
+                    seconds_per_image=es.seconds_per_image, device=es.device)
+            db.finish_run(session, run_id)
+        return run_id
+
+    def _evaluate(self, config: EvaluateConfig, job_id: int, reporter: Reporter) -> int:
+        """One result per model, scored on the eval split."""
+        imageset, run_id = self._start("evaluate", f"evaluate {len(config.models)} models, k={config.k}", config,
+                                       job_id)
+        _, rows = imageset.protocol_rows(config.protocol)
+        if len(rows) < 2 or config.k > len(rows) - 1:
+            raise ValueError(f"k={config.k} but the eval split of {imageset.name!r} has {len(rows)} images "
+                             f"({len(rows) - 1} to retrieve per query); choose k of at most {max(1, len(rows) - 1)}")
+        sets = self._embeddings(imageset, config, reporter)
+        per_model = scores_on_ray([es.load() for es in sets], imageset.labels[rows], config.k, rows=rows,
+                                  reporter=reporter)
+        scored = [(Method.single(model), scores) for model, scores in zip(config.models, per_model)]
+        with db.begin_immediate(self.engine) as session:
+            results = db.add_results(session, run_id, [
+                {"method": method, "metrics": scores.summary(), "selected_on": "none",
+                 "split": PROTOCOL_SPLIT[config.protocol]} for method, scores in scored])
+        for row, (_, scores) in zip(results, scored):
+            save_query_scores(self.workspace, row.id, scores)
+        with db.begin_immediate(self.engine) as session:
+            db.finish_run(session, run_id)
+        return run_id
+
+
+# --- extraction ----------------------------------------------------------------------------------
+
+
+def extract_on_ray(imageset: ImageSet, model_names: list[str], cache: EmbeddingCache, *, device: str = "auto",
+                   reporter: Reporter | None = None, force: bool = False, shard_size: int = DEFAULT_SHARD_SIZE,
+                   batch_size: int = 64) -> dict[str, EmbeddingSet]:
+    """`core.extract.extract_embeddings` on the connected Ray cluster: the same cache files, the same batches.
+
+    Raises DatasetError naming an image that cannot be read or decoded, JobCancelled (finished shards kept)."""
+    ray = ray_module()
+    reporter = reporter or SILENT
+    names = list(dict.fromkeys(model_names))
+    keys = {name: cache_key_for(name) for name in names}
+    fingerprint, n = imageset.fingerprint, len(imageset)
+    if force:
+        for name in names:
+            cache.drop(fingerprint, keys[name])
+    missing = [name for name in names if cache.get(fingerprint, keys[name]) is None]
+    grid = [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
+    todo = {name: set(grid) - set(cache.shards(fingerprint, keys[name])) for name in missing}
+    to_run = [name for name in missing if todo[name]]
+    shards = [{"start": start, "stop": stop, "paths": list(imageset.paths[start:stop]),
+               "models": [i for i, name in enumerate(to_run) if (start, stop) in todo[name]]}
+              for start, stop in grid if any((start, stop) in todo[name] for name in to_run)]
+    if shards:
+        reporter.check_cancel()
+        actors, gpus, cpus = _actor_shape(ray, device, spare_cpus=1)
+        embedded = (ray.data.from_items(shards, override_num_blocks=len(shards))
+                    .map(_read_files, num_cpus=READ_CPUS)
+                    .map_batches(_EmbedShards, batch_size=1, num_gpus=gpus, num_cpus=cpus,
+                                 compute=ray.data.ActorPoolStrategy(size=min(actors, len(shards))),
+                                 fn_constructor_kwargs={"names": to_run, "cache_root": str(cache.root),
+                                                        "fingerprint": fingerprint, "device": "cuda" if gpus else "cpu",
+                                                        "batch_size": batch_size}))
+        done = n - sum(shard["stop"] - shard["start"] for shard in shards)  # rows every model already has
+        _follow(embedded.iter_rows(), n, done, ", ".join(to_run), reporter)
+    found = {name: cache.get(fingerprint, keys[name]) or cache.assemble(fingerprint, name, keys[name], grid)
+             for name in names}
+    reporter.progress(1.0, f"{len(names)} models ready ({len(names) - len(missing)} from cache)")
+    return found
+
+
+def _actor_shape(ray, device: str, spare_cpus: int) -> tuple[int, int, int]:
+    """(actors, GPUs each, CPUs each): one actor per GPU with its share of its node's CPUs, else (CPU-only
+    cluster, or device "cpu") one per node with all its CPUs; `spare_cpus` of each share stay free."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    gpus = sum(int(node.get("GPU", 0)) for node in nodes)
+    if gpus and not device.startswith("cpu"):
+        per_gpu = min(node.get("CPU", 1) / node["GPU"] for node in nodes if node.get("GPU", 0) >= 1)
+        return gpus, 1, max(1, int(per_gpu) - spare_cpus)
+    if device.startswith("cuda"):
+        raise ValueError(f"Device {device!r} was requested but the Ray cluster has no GPU; use device 'cpu' or "
+                         "start GPU nodes with `ray start --address=... --num-gpus=1`.")
+    cpu_nodes = [node for node in nodes if node.get("CPU", 0) >= 1]
+    return len(cpu_nodes), 0, max(1, int(min(node["CPU"] for node in cpu_nodes)) - spare_cpus)
+
+
+def _read_files(shard: dict[str, Any]) -> dict[str, Any]:
+    """The bytes of a shard's images (a Ray Data task: shards are read in parallel, off the model actors)."""
+    images, failure = [], ""
+    for row, path in enumerate(shard["paths"], start=shard["start"]):
+        try:
+            images.append(Path(path).read_bytes())
+        except OSError as error:
+            failure = (f"Image {path} (row {row}) could not be read: {error.strerror or error}. Every node of the "
+                       "Ray cluster must see the dataset at the same path (a shared filesystem).")
+            images = []
+            break
+    return {**shard, "images": images, "failure": failure}
+
+
+class _EmbedShards:
+    """A Ray Data actor: the job's models loaded once, then one shard per call, decoded once for every model
+    that needs it, embedded in the local executor's batches and committed to the shared cache."""
+
+    def __init__(self, names: list[str], cache_root: str, fingerprint: str, device: str, batch_size: int):
+        ray = ray_module()
+        self.device = resolve_device(device)
+        self.cache, self.fingerprint, self.batch_size = EmbeddingCache(cache_root), fingerprint, batch_size
+        self.models = [load_model(name, self.device, export_dir=Path(cache_root) / EXPORTS_FOLDER) for name in names]
+        self.decoders = ThreadPoolExecutor(max(1, torch.get_num_threads()))  # PIL decodes without the GIL
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start, stop = int(batch["start"][0]), int(batch["stop"][0])
+        failure = str(batch["failure"][0]) or self._embed(start, list(batch["paths"][0]), list(batch["images"][0]),
+                                                          [int(i) for i in batch["models"][0]])
+        return {"start": np.array([start]), "stop": np.array([stop]), "node": np.array([self.node]),
+                "failure": np.array([failure])}
+
+    def _embed(self, start: int, paths: list[str], data: list[bytes], models: list[int]) -> str:
+        """Commit the shard for each of `models`; returns "" or what made an image unreadable."""
+        decoded = list(self.decoders.map(_decode, data, paths, range(start, start + len(data))))
+        failure = next((d for d in decoded if isinstance(d, str)), "")
+        if failure:
+            return failure
+        with torch.inference_mode():
+            for index in models:
+                model, parts, seconds = self.models[index], [], 0.0
+                for first in range(0, len(decoded), self.batch_size):
+                    started = time.perf_counter()
+                    parts.append(embed_batch(model, model.batch_transform(decoded[first:first + self.batch_size]),
+                                             self.device))
+                    seconds += time.perf_counter() - started
+                self.cache.put_shard(self.fingerprint, model.cache_key, start, np.concatenate(parts),
+                                     seconds=seconds, device=self.device)
+        return ""
+
+
+def _decode(data: bytes, path: str, row: int) -> np.ndarray | str:
+    """What `ImageSet.load_image` makes of the file's bytes (H x W x 3 uint8), or why it cannot."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return rgb_array(to_rgb(image))
+    except Exception as error:  # PIL raises many types for broken files
+        return (f"Image {path} (row {row}) could not be decoded: {type(error).__name__}: {error}. "
+                "Remove or replace the file and open the dataset again.")
+
+
+def _follow(outputs, n: int, done: int, label: str, reporter: Reporter) -> None:
+    """Report each committed shard and check cancel between them. Leaving early (cancel, a failure) closes the
+    pipeline's iterator, which shuts its tasks and actors down; the shards committed so far stay."""
+    outputs = iter(outputs)
+    nodes, started, processed = set(), time.perf_counter(), 0
+    try:
+        for shard in outputs:
+            if shard["failure"]:
+                raise DatasetError(shard["failure"])
+            rows = int(shard["stop"]) - int(shard["start"])
+            done, processed = done + rows, processed + rows
+            nodes.add(shard["node"])
+            speed = processed / max(time.perf_counter() - started, 1e-9)
+            reporter.progress(done / n, f"{label}: {done:,}/{n:,} images on Ray ({len(nodes)} nodes), "
+                                        f"{speed:,.1f} img/s")
+            reporter.check_cancel()
+    finally:
+        close = getattr(outputs, "close", None)
+        if close is not None:
+            close()
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+class _QueryBlocks:
+    """A Ray actor holding one L2-normalised gallery at a time; ranks blocks of its rows as queries."""
+
+    def __init__(self):
+        self.gallery, self.node = None, ray_module().get_runtime_context().get_node_id()
+
+    def hold(self, gallery: np.ndarray) -> None:
+        self.gallery = gallery  # zero-copy from the object store when on the same node as its copy
+
+    def rank(self, start: int, stop: int, depth: int) -> tuple[np.ndarray, str]:
+        """Rows start..stop-1: the `depth` best other rows each, by (-similarity, index). Searching the whole
+        gallery one deeper and then dropping each query's own row gives exactly the list without it."""
+        _, ids = top_k(self.gallery[start:stop], self.gallery, depth + 1)
+        keep = ids != np.arange(start, stop)[:, None]
+        keep[keep.sum(axis=1) > depth, -1] = False  # own row not among them: the last one goes instead
+        return ids[keep].reshape(stop - start, depth), self.node
+
+
+def scores_on_ray(embeddings: Sequence[np.ndarray], labels: np.ndarray, k: int, *, rows: np.ndarray | None = None,
+                  reporter: Reporter | None = None) -> list[QueryScores]:
+    """`core.metrics.per_query_scores(embeddings[i][rows], labels, k)` for each set i (`rows`: default all; a
+    memory-mapped set is read one at a time), with the queries split across actors (one per GPU, else one per
+    node) started once for all the sets."""
+    ray = ray_module()
+    reporter = reporter or SILENT
+    labels = np.asarray(labels)
+    depth = depth_needed(relevant_counts(labels), k, len(labels) - 1)
+    actors, gpus, cpus = _actor_shape(ray, "auto", spare_cpus=0)
+    blocks = [(int(b[0]), int(b[-1]) + 1) for b in np.array_split(np.arange(len(labels)), actors) if len(b)]
+    holders = [ray.remote(num_gpus=gpus, num_cpus=cpus, scheduling_strategy="SPREAD")(_QueryBlocks).remote()
+               for _ in blocks]
+    scores, nodes = [], set()
+    try:
+        for array in embeddings:
+            array = np.asarray(array if rows is None else array[rows], dtype=np.float32)
+            shared = ray.put(l2_normalize(array))  # once, for every actor
+            ray.get([holder.hold.remote(shared) for holder in holders])
+            pending = {holder.rank.remote(start, stop, depth): index
+                       for index, (holder, (start, stop)) in enumerate(zip(holders, blocks))}
+            ranked: dict[int, np.ndarray] = {}
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+                reporter.check_cancel()
+                for ref in ready:
+                    ranked[pending.pop(ref)], node = ray.get(ref)
+                    nodes.add(node)
+                    reporter.progress((len(scores) + len(ranked) / len(blocks)) / len(embeddings),
+                                      f"set {len(scores) + 1}/{len(embeddings)}: ranked {len(ranked)}/{len(blocks)} "
+                                      f"query blocks on Ray ({len(nodes)} nodes)")
+            scores.append(query_scores_from_ranking(np.concatenate([ranked[i] for i in range(len(blocks))]), labels, k))
+    finally:
+        for holder in holders:  # also stops the blocks still running when the job was cancelled
+            ray.kill(holder)
+    return scores
