@@ -180,9 +180,11 @@ def extract_on_ray(imageset: ImageSet, model_names: list[str], cache: EmbeddingC
         reporter.check_cancel()
         actors, gpus, cpus = _actor_shape(ray, device, spare_cpus=1)
         embedded = (ray.data.from_items(shards, override_num_blocks=len(shards))
-                    .map(_read_files, num_cpus=READ_CPUS)
+                    .map(_file_reader(), num_cpus=READ_CPUS)
                     .map_batches(_EmbedShards, batch_size=1, num_gpus=gpus, num_cpus=cpus,
-                                 compute=ray.data.ActorPoolStrategy(size=min(actors, len(shards))),
+                                 # One shard embedding, the next one's bytes waiting: no actor hoards the queue.
+                                 compute=ray.data.ActorPoolStrategy(size=min(actors, len(shards)),
+                                                                    max_tasks_in_flight_per_actor=2),
                                  fn_constructor_kwargs={"names": to_run, "cache_root": str(cache.root),
                                                         "fingerprint": fingerprint, "device": "cuda" if gpus else "cpu",
                                                         "batch_size": batch_size}))
@@ -209,18 +211,24 @@ def _actor_shape(ray, device: str, spare_cpus: int) -> tuple[int, int, int]:
     return len(cpu_nodes), 0, max(1, int(min(node["CPU"] for node in cpu_nodes)) - spare_cpus)
 
 
-def _read_files(shard: dict[str, Any]) -> dict[str, Any]:
-    """The bytes of a shard's images (a Ray Data task: shards are read in parallel, off the model actors)."""
-    images, failure = [], ""
-    for row, path in enumerate(shard["paths"], start=shard["start"]):
-        try:
-            images.append(Path(path).read_bytes())
-        except OSError as error:
-            failure = (f"Image {path} (row {row}) could not be read: {error.strerror or error}. Every node of the "
-                       "Ray cluster must see the dataset at the same path (a shared filesystem).")
-            images = []
-            break
-    return {**shard, "images": images, "failure": failure}
+def _file_reader():
+    """The Ray Data task that reads a shard's image bytes, off the model actors. Made here, not at module level,
+    so that Ray ships it by value: its worker processes then never import this module (and torch)."""
+
+    def read_files(shard: dict[str, Any]) -> dict[str, Any]:
+        images, failure = [], ""
+        for row, path in enumerate(shard["paths"], start=shard["start"]):
+            try:
+                with open(path, "rb") as handle:
+                    images.append(handle.read())
+            except OSError as error:
+                failure = (f"Image {path} (row {row}) could not be read: {error.strerror or error}. Every node of "
+                           "the Ray cluster must see the dataset at the same path (a shared filesystem).")
+                images = []
+                break
+        return {**shard, "images": images, "failure": failure}
+
+    return read_files
 
 
 class _EmbedShards:
