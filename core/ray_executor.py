@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import socket
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,14 +33,14 @@ from PIL import Image
 from sqlalchemy import Engine
 
 from core import db, jobs
-from core.cache import EmbeddingCache, EmbeddingSet
+from core.cache import CorruptEmbeddings, EmbeddingCache, EmbeddingSet
 from core.configs import EvaluateConfig, ExtractConfig
 from core.datasets import PROTOCOL_SPLIT, DatasetError, ImageSet, open_dataset, to_rgb
 from core.devices import resolve_device
 from core.extract import DEFAULT_SHARD_SIZE, EXPORTS_FOLDER, embed_batch
 from core.methods import Method
 from core.metrics import QueryScores, depth_needed, query_scores_from_ranking, relevant_counts
-from core.models import cache_key_for, load_model, rgb_array
+from core.models import ModelError, cache_key_for, load_model, rgb_array
 from core.progress import SILENT, Reporter
 from core.scores import save_query_scores
 from core.search import top_k
@@ -160,7 +161,8 @@ def extract_on_ray(imageset: ImageSet, model_names: list[str], cache: EmbeddingC
                    batch_size: int = 64) -> dict[str, EmbeddingSet]:
     """`core.extract.extract_embeddings` on the connected Ray cluster: the same cache files, the same batches.
 
-    Raises DatasetError naming an image that cannot be read or decoded, JobCancelled (finished shards kept)."""
+    Raises DatasetError naming an image that cannot be read or decoded, ModelError, CorruptEmbeddings (NaN or
+    inf), JobCancelled (finished shards kept)."""
     ray = ray_module()
     reporter = reporter or SILENT
     names = list(dict.fromkeys(model_names))
@@ -222,8 +224,9 @@ def _file_reader():
                 with open(path, "rb") as handle:
                     images.append(handle.read())
             except OSError as error:
-                failure = (f"Image {path} (row {row}) could not be read: {error.strerror or error}. Every node of "
-                           "the Ray cluster must see the dataset at the same path (a shared filesystem).")
+                failure = (f"DatasetError: Image {path} (row {row}) could not be read: {error.strerror or error}. "
+                           "Every node of the Ray cluster must see the dataset at the same path (a shared "
+                           "filesystem).")
                 images = []
                 break
         return {**shard, "images": images, "failure": failure}
@@ -233,29 +236,38 @@ def _file_reader():
 
 class _EmbedShards:
     """A Ray Data actor: the job's models loaded once, then one shard per call, decoded once for every model
-    that needs it, embedded in the local executor's batches and committed to the shared cache."""
+    that needs it, embedded in the local executor's batches and committed to the shared cache.
+
+    Errors are returned, not raised: Ray would hand the driver only their text inside its own traceback (and
+    restart an actor whose models failed to load). The driver raises them again (`_raise`)."""
 
     def __init__(self, names: list[str], cache_root: str, fingerprint: str, device: str, batch_size: int):
-        ray = ray_module()
-        self.device = resolve_device(device)
+        self.node = ray_module().get_runtime_context().get_node_id()
         self.cache, self.fingerprint, self.batch_size = EmbeddingCache(cache_root), fingerprint, batch_size
-        self.models = [load_model(name, self.device, export_dir=Path(cache_root) / EXPORTS_FOLDER) for name in names]
         self.decoders = ThreadPoolExecutor(max(1, torch.get_num_threads()))  # PIL decodes without the GIL
-        self.node = ray.get_runtime_context().get_node_id()
+        self.failure = ""
+        try:
+            self.device = resolve_device(device)
+            self.models = [load_model(name, self.device, export_dir=Path(cache_root) / EXPORTS_FOLDER)
+                           for name in names]
+        except Exception as error:  # reported with every shard this actor is given
+            self.failure = _failure(error)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start, stop = int(batch["start"][0]), int(batch["stop"][0])
-        failure = str(batch["failure"][0]) or self._embed(start, list(batch["paths"][0]), list(batch["images"][0]),
-                                                          [int(i) for i in batch["models"][0]])
+        failure = self.failure or str(batch["failure"][0])
+        if not failure:
+            try:
+                self._embed(start, list(batch["paths"][0]), list(batch["images"][0]),
+                            [int(i) for i in batch["models"][0]])
+            except Exception as error:
+                failure = _failure(error)
         return {"start": np.array([start]), "stop": np.array([stop]), "node": np.array([self.node]),
                 "failure": np.array([failure])}
 
-    def _embed(self, start: int, paths: list[str], data: list[bytes], models: list[int]) -> str:
-        """Commit the shard for each of `models`; returns "" or what made an image unreadable."""
+    def _embed(self, start: int, paths: list[str], data: list[bytes], models: list[int]) -> None:
+        """Commit the shard for each of `models`."""
         decoded = list(self.decoders.map(_decode, data, paths, range(start, start + len(data))))
-        failure = next((d for d in decoded if isinstance(d, str)), "")
-        if failure:
-            return failure
         with torch.inference_mode():
             for index in models:
                 model, parts, seconds = self.models[index], [], 0.0
@@ -266,28 +278,45 @@ class _EmbedShards:
                     seconds += time.perf_counter() - started
                 self.cache.put_shard(self.fingerprint, model.cache_key, start, np.concatenate(parts),
                                      seconds=seconds, device=self.device)
-        return ""
 
 
-def _decode(data: bytes, path: str, row: int) -> np.ndarray | str:
-    """What `ImageSet.load_image` makes of the file's bytes (H x W x 3 uint8), or why it cannot."""
+def _decode(data: bytes, path: str, row: int) -> np.ndarray:
+    """What `ImageSet.load_image` makes of the file's bytes: H x W x 3 uint8."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             return rgb_array(to_rgb(image))
     except Exception as error:  # PIL raises many types for broken files
-        return (f"Image {path} (row {row}) could not be decoded: {type(error).__name__}: {error}. "
-                "Remove or replace the file and open the dataset again.")
+        raise DatasetError(f"Image {path} (row {row}) could not be decoded: {type(error).__name__}: {error}. "
+                           "Remove or replace the file and open the dataset again.") from None
+
+
+# Errors an actor reports that the driver raises again as themselves; any other becomes a RuntimeError.
+_REPORTED = {error.__name__: error for error in (DatasetError, CorruptEmbeddings, ModelError)}
+
+
+def _failure(error: Exception) -> str:
+    """An actor's error as "ClassName: message"; its traceback goes to the actor's output, which Ray forwards
+    to the worker's log."""
+    traceback.print_exc()
+    return f"{type(error).__name__}: {error}"
+
+
+def _raise(failure: str) -> None:
+    name, _, message = failure.partition(": ")
+    if name in _REPORTED:
+        raise _REPORTED[name](message)
+    raise RuntimeError(f"An extraction actor on Ray failed: {failure} (its traceback is in the worker's log)")
 
 
 def _follow(outputs, n: int, done: int, label: str, reporter: Reporter) -> None:
     """Report each committed shard and check cancel between them. Leaving early (cancel, a failure) closes the
     pipeline's iterator, which shuts its tasks and actors down; the shards committed so far stay."""
-    outputs = iter(outputs)
+    outputs = iter(outputs)  # a generator: closing it shuts the pipeline down
     nodes, started, processed = set(), time.perf_counter(), 0
     try:
         for shard in outputs:
             if shard["failure"]:
-                raise DatasetError(shard["failure"])
+                _raise(shard["failure"])
             rows = int(shard["stop"]) - int(shard["start"])
             done, processed = done + rows, processed + rows
             nodes.add(shard["node"])
@@ -296,9 +325,7 @@ def _follow(outputs, n: int, done: int, label: str, reporter: Reporter) -> None:
                                         f"{speed:,.1f} img/s")
             reporter.check_cancel()
     finally:
-        close = getattr(outputs, "close", None)
-        if close is not None:
-            close()
+        outputs.close()
 
 
 # --- evaluation ----------------------------------------------------------------------------------

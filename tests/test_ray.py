@@ -8,6 +8,7 @@ Where no Ray cluster can start, CI fails (CI=true) and elsewhere these tests are
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 from core import db, jobs
 from core.cache import EmbeddingCache
 from core.configs import EvaluateConfig, ExtractConfig
-from core.datasets import open_image_folder
+from core.datasets import DatasetError, open_image_folder
 from core.extract import extract_embeddings
 from core.models import cache_key_for
 from core.progress import JobCancelled, Reporter
@@ -245,6 +246,16 @@ def test_a_cancel_stops_the_pipeline_and_keeps_the_committed_shards(ray_address,
     while embedding_actors() and time.monotonic() < deadline:  # the pipeline's actors are shut down
         time.sleep(0.2)
     assert embedding_actors() == []
+
+
+def test_an_image_broken_after_the_dataset_was_opened_fails_with_its_path(ray_address, tmp_path):
+    for c in range(2):
+        for i in range(2):
+            write_image(tmp_path / "images" / f"class{c}" / f"{i}.png", seed=10 * c + i)
+    imageset = open_image_folder(tmp_path / "images")
+    Path(imageset.paths[1]).write_bytes(b"not a PNG any more")
+    with pytest.raises(DatasetError, match=rf"Image {re.escape(imageset.paths[1])} \(row 1\) could not be decoded"):
+        extract_on_ray(imageset, MODELS, EmbeddingCache(tmp_path / "cache"))
 
 
 CLI = """
