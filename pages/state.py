@@ -71,7 +71,9 @@ def engine():
 @st.cache_resource(show_spinner=False)
 def _engine(url: str):
     engine = make_engine(url)
-    init_db(engine)
+    upgraded = init_db(engine)  # an older runs DB is upgraded in place, after a backup copy
+    if upgraded:
+        st.toast(upgraded, icon=":material/database:")
     return engine
 
 

