@@ -1,7 +1,7 @@
 """What the pages keep between reruns, one copy per process: opened datasets, method embeddings, per-query
 scores, paired comparisons, 2-D projections and models for uploads.
 
-All st.cache_resource, never st.cache_data: the values are large arrays that a data cache would copy
+All st.cache_resource, never a data cache: the values are large arrays that a data cache would copy
 (pickle) on every hit. Each key names what the value depends on, so a changed input is a new entry,
 not a stale one. The computations themselves are core's (named in each function).
 """
