@@ -20,7 +20,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -37,21 +36,11 @@ from core.configs import DEFAULT_K, DEMO_MODELS, demo_jobs
 from core.jobs import CANCELLED, DONE, FAILED
 from core.leaderboard import entries_for_dataset, headline
 from core.workspace import Workspace
+from bench.machine import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 ENDED = (DONE, FAILED, CANCELLED)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def empty_workspace(path: str | None) -> tuple[Workspace, bool]:

@@ -21,7 +21,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from core.models import (CPU_BACKENDS, PACKAGED, OnnxCfg, TimmBatchTransform, cp
                          rgb_array)
 from core.progress import Reporter
 from core.workspace import Workspace
+from bench.machine import cpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -45,17 +45,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def demo_subset(workspace: Workspace, n_images: int) -> ImageSet:

@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "e2e"))  # the browser tests' harness: serve, chromium, page helpers
 
 from e2e_harness import HEADINGS, PAGES, chromium, goto, heading, new_page, prepare_workspace, serve  # noqa: E402
+from bench.machine import cpu_name
 
 DEFAULT_WORKSPACE = Path("/tmp/ensemble-bench-pages-demo-small")
 CHARTS_DRAWN = """() => Array.from(document.querySelectorAll('[data-testid=stPlotlyChart]'))
@@ -124,9 +125,7 @@ def folder_size(path: Path) -> int:
 
 def machine() -> dict:
     import streamlit
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"device": f"CPU: {cpu}", "cpus": os.cpu_count(), "threads": {k: os.environ.get(k) for k in
+    return {"device": f"CPU: {cpu_name()}", "cpus": os.cpu_count(), "threads": {k: os.environ.get(k) for k in
                                                                         ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
             "load_average_1min": round(os.getloadavg()[0], 2),  # a shared machine: how busy it was
             "python": platform.python_version(), "streamlit": streamlit.__version__, "platform": platform.platform()}

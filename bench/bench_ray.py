@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.bench_extraction import cpu_name, demo_subset
+from bench.bench_extraction import demo_subset
+from bench.machine import cpu_name
 from core.cache import EmbeddingCache
 from core.configs import DEMO_MODELS
 from core.extract import DEFAULT_SHARD_SIZE, extract_embeddings

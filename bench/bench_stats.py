@@ -20,6 +20,7 @@ import numpy as np
 
 from core.files import atomic_write_text
 from core.stats import paired_difference
+from bench.machine import cpu_name
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -33,17 +34,6 @@ def synthetic_scores(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     excluded = rng.random(n) < 0.01
     a[excluded] = b[excluded] = np.nan
     return a, b
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def blas_threads() -> list[dict] | None:
@@ -83,7 +73,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "stats.paired_difference",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"cpu: {cpu_model()}",
+        "device": f"cpu: {cpu_name()}",
         "cpu_count": os.cpu_count(),
         "threads": {"blas": blas_threads(), **{k: os.environ[k] for k in THREAD_VARIABLES if k in os.environ}},
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
