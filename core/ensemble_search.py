@@ -19,7 +19,7 @@ import numpy as np
 from core.metrics import MetricsError
 from core.progress import SILENT, Reporter
 from core.sweep import WeightedConcatScorer
-from core.vectors import ratio_class
+from core.vectors import plain_weights, ratio_class
 
 # Multiplicative moves of the refinement: the first round tries x/÷ the first factor; a round that
 # finds no improvement moves on to the next, finer one.
@@ -67,11 +67,6 @@ class _CachedScores:
 def _better(a: dict, b: dict) -> bool:
     """a ranks above b: higher map@k, map@k_hits breaking exact ties (as grid_sweep ranks)."""
     return (a["map@k"], a["map@k_hits"]) > (b["map@k"], b["map@k_hits"])
-
-
-def _plain(weights) -> tuple[float, ...]:
-    """Plain Python numbers, integral ones as ints: what a user reads and a job stores as JSON."""
-    return tuple(int(w) if float(w).is_integer() else float(w) for w in weights)
 
 
 def _scorer(embeddings, labels, k, device) -> _CachedScores:
@@ -132,7 +127,7 @@ def _greedy(scores: _CachedScores, max_steps: int, patience: int, reporter: Repo
             if _better(rows[i], rows[pick]):
                 pick = i
         counts = candidates[pick]
-        path.append({"step": step, "weights": _plain(counts), "map@k": rows[pick]["map@k"]})
+        path.append({"step": step, "weights": plain_weights(counts), "map@k": rows[pick]["map@k"]})
         reporter.metrics(stage="greedy", step=step, **{"map@k": rows[pick]["map@k"]})
         reporter.progress(step / max_steps, f"greedy step {step}: map@k {rows[pick]['map@k']:.4f}")
         if best is None or _better(rows[pick], best[1]):
@@ -142,7 +137,7 @@ def _greedy(scores: _CachedScores, max_steps: int, patience: int, reporter: Repo
             if stale >= patience:
                 break
     reporter.progress(1.0, f"greedy selection: best map@k {best[1]['map@k']:.4f} after {len(path)} steps")
-    return SelectionResult(_plain(best[0]), best[1]["map@k"], best[1], path, scores.n_scored - scored_before)
+    return SelectionResult(plain_weights(best[0]), best[1]["map@k"], best[1], path, scores.n_scored - scored_before)
 
 
 def _moves(weights: np.ndarray, factor: float) -> list[np.ndarray]:
@@ -170,7 +165,7 @@ def _refine(scores: _CachedScores, weights: Sequence[float], rounds: int, report
         raise MetricsError(f"rounds must be at least 0, got {rounds}")
     scored_before = scores.n_scored
     (now,) = scores([current])
-    path = [{"step": 0, "weights": _plain(current), "map@k": now["map@k"]}]
+    path = [{"step": 0, "weights": plain_weights(current), "map@k": now["map@k"]}]
     factors = iter(REFINE_FACTORS)
     factor = next(factors)
     for round_ in range(1, rounds + 1):
@@ -187,8 +182,8 @@ def _refine(scores: _CachedScores, weights: Sequence[float], rounds: int, report
                 break
         else:
             current, now = candidates[pick], rows[pick]
-        path.append({"step": round_, "weights": _plain(current), "map@k": now["map@k"]})
+        path.append({"step": round_, "weights": plain_weights(current), "map@k": now["map@k"]})
         reporter.metrics(stage="refine", step=round_, **{"map@k": now["map@k"]})
         reporter.progress(round_ / rounds, f"refinement round {round_}: map@k {now['map@k']:.4f}")
     reporter.progress(1.0, f"refinement: map@k {now['map@k']:.4f}")
-    return SelectionResult(_plain(current), now["map@k"], now, path, scores.n_scored - scored_before)
+    return SelectionResult(plain_weights(current), now["map@k"], now, path, scores.n_scored - scored_before)

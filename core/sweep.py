@@ -48,7 +48,7 @@ import torch
 from core.devices import resolve_device
 from core.metrics import METRIC_KEYS, PER_QUERY, MetricsError, depth_needed, relevant_counts, scores_from_relevance
 from core.progress import SILENT, Reporter
-from core.vectors import l2_normalize, ratio_class
+from core.vectors import l2_normalize, plain_weights, ratio_class
 
 # Safety margin on the pruning bound: candidate lists and rescoring are separate float32
 # computations, so a similarity can differ between them in the last bits.
@@ -500,7 +500,7 @@ def grid_sweep(embeddings: list[np.ndarray], labels: np.ndarray, weights=(0, 1, 
     reporter.progress(0.0, f"preparing candidates for {len(embeddings)} models")
     scorer = WeightedConcatScorer(embeddings, labels, k, device=device)
     scores = dict(zip(first_of_class, scorer.score(np.array(list(first_of_class.values())), reporter)))
-    rows = [{"weights": tuple(_plain(x) for x in v), "ratio": c, **scores[c]} for v, c in zip(vectors, ratios)]
+    rows = [{"weights": plain_weights(v), "ratio": c, **scores[c]} for v, c in zip(vectors, ratios)]
     return _ranked_rows(rows)
 
 
@@ -530,7 +530,3 @@ def random_sweep(embeddings: list[np.ndarray], labels: np.ndarray, n_samples: in
         points = [np.clip(best[:, None, :] * jitter, 1e-3, None).reshape(-1, m)]
         spread /= 2
     return _ranked_rows(rows)
-
-
-def _plain(x: float) -> float | int:
-    return int(x) if float(x).is_integer() else float(x)

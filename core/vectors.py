@@ -20,3 +20,8 @@ def ratio_class(weights: Sequence[float]) -> tuple[float, ...]:
     if top <= 0:
         return tuple(0.0 for _ in weights)
     return tuple(round(float(w) / top, 9) for w in weights)
+
+
+def plain_weights(weights: Sequence[float]) -> tuple[float | int, ...]:
+    """Plain Python numbers, integral ones as ints: what a user reads and a job stores as JSON."""
+    return tuple(int(w) if float(w).is_integer() else float(w) for w in weights)
