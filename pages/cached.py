@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import streamlit as st
 
-from core import catalog, views
+from core import views
 from core import leaderboard as lb
 from core.datasets import PROTOCOL_SPLIT, ImageSet, open_dataset
 from core.explorer import ExplorerError, cached_arrays, query_scores

@@ -1,7 +1,6 @@
 """Complementarity: which models retrieve differently, at a glance, and how far any ensemble of them could go."""
 from __future__ import annotations
 
-from functools import partial
 
 import pandas as pd
 import streamlit as st
@@ -51,11 +50,7 @@ with widgets.guarded():
     if not runs:
         st.info("No comparison of models on this dataset yet: compare two or more models with cached embeddings.")
         st.stop()
-    ids = list(runs)
-    wanted = state.url_value("comparison", partial(views.pick, options=ids, name="comparison"), ids[0])
-    run_id = st.selectbox("Comparison", ids, index=ids.index(wanted), key="comp:run",
-                          format_func=lambda i: f"run {i} · {runs[i].title} · {runs[i].started:%Y-%m-%d %H:%M}")
-    state.remember("comparison", run_id)
+    run_id = widgets.pick_run(runs, "comparison", "Comparison", key="comp:run")
     run, _ = lb.run_results(engine, run_id)
     if not run or not run.summary:
         st.warning(f"Run {run_id} kept no summary: compare the models again.")

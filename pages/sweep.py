@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import itertools
-from functools import partial
 
 import pandas as pd
 import streamlit as st
@@ -77,11 +76,7 @@ with widgets.guarded():
         st.info("No finished sweep on this dataset yet.")
         st.stop()
 
-    ids = list(runs)
-    wanted = state.url_value("sweep", partial(views.pick, options=ids, name="sweep"), ids[0])
-    run_id = st.selectbox("Sweep", ids, index=ids.index(wanted), key="sweep:run",
-                          format_func=lambda i: f"run {i} · {runs[i].title} · {runs[i].started:%Y-%m-%d %H:%M}")
-    state.remember("sweep", run_id)
+    run_id = widgets.pick_run(runs, "sweep", "Sweep", key="sweep:run")
     metric = st.selectbox("Metric", METRIC_KEYS, key="sweep:metric")
     run, entries = lb.run_results(engine, run_id)
     models = list(run.config.get("models", []))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+from functools import partial
 
 import pandas as pd
 import streamlit as st
@@ -168,3 +169,13 @@ def headline(h: Headline, intervals: bool = True) -> None:
                             "ensemble does on new data")
         cols[2].caption(views.md(h.best_oracle.label + (f" · {views.interval_text(h.oracle_vs_single)}"
                                                         if intervals else "")))
+
+
+def pick_run(runs: dict, name: str, label: str, key: str) -> int:
+    """A selectbox over finished runs (newest first), its choice kept in the URL as ?name=<run id>."""
+    ids = list(runs)
+    wanted = state.url_value(name, partial(views.pick, options=ids, name=name), ids[0])
+    run_id = st.selectbox(label, ids, index=ids.index(wanted), key=key,
+                          format_func=lambda i: f"run {i} · {runs[i].title} · {runs[i].started:%Y-%m-%d %H:%M}")
+    state.remember(name, run_id)
+    return run_id
