@@ -1,5 +1,6 @@
-"""The Ray executor (`python -m core worker --executor ray [--ray-address ADDR]`): extraction and evaluation
-spread over a Ray cluster; every other job kind runs in the worker's process, as with the local executor.
+"""The Ray executor (`python -m core worker --executor ray [--ray-address ADDR]`): every job's handler runs in
+the worker's process as with the local executor (core.tasks, the same runs and results), its extraction
+(whatever the job kind), an evaluation's scoring and a grid sweep spread over a Ray cluster (RayCompute).
 
 Extraction: Ray Data over the dataset's shards (the fixed row ranges of core.extract's grid): parallel tasks
 read the files' bytes, then `map_batches` runs one actor class holding the job's models (one actor per GPU
@@ -13,6 +14,9 @@ by the next worker (core.jobs), whose attempt computes only the shards still mis
 Evaluation: exact k-NN with the queries split in one block per actor, each actor holding the whole gallery
 (put in the object store once); the rankings are merged in query order and scored by core.metrics as in one
 process, so the metrics are those of the local executor.
+
+Grid sweeps: the weight vectors split in one share per GPU (else per node), each task scoring its share with
+core.sweep's exact scorer over the whole set (put in the object store once).
 
 Every node needs this code at the same path (or installed) and the workspace on a filesystem all of them
 mount: actors read the images and write the cache there. See docs/scaling.md.
@@ -34,17 +38,15 @@ from sqlalchemy import Engine
 
 from core import db, jobs
 from core.cache import CorruptEmbeddings, EmbeddingCache, EmbeddingSet
-from core.configs import EvaluateConfig, ExtractConfig
-from core.datasets import PROTOCOL_SPLIT, DatasetError, ImageSet, open_dataset, to_rgb
+from core.datasets import DatasetError, ImageSet, to_rgb
 from core.devices import resolve_device
 from core.extract import DEFAULT_SHARD_SIZE, EXPORTS_FOLDER, embed_batch
-from core.methods import Method
 from core.metrics import QueryScores, depth_needed, query_scores_from_ranking, relevant_counts
 from core.models import ModelError, cache_key_for, load_model, rgb_array
 from core.progress import SILENT, Reporter
-from core.scores import save_query_scores
 from core.search import top_k
-from core.tasks import run_job
+from core.sweep import WeightGrid, WeightedConcatScorer
+from core.tasks import Compute, run_job
 from core.vectors import l2_normalize
 from core.workspace import Workspace
 
@@ -84,73 +86,38 @@ def connect(address: str | None = None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False  # progress goes to the job row
 
 
+class RayCompute(Compute):
+    """A job's heavy steps on the Ray cluster this process is connected to (`connect`): extraction with
+    `extract_on_ray`, an evaluation's scoring with `scores_on_ray`."""
+
+    title_suffix = " (on Ray)"
+
+    def __init__(self, shard_size: int = DEFAULT_SHARD_SIZE):
+        self.shard_size = shard_size
+
+    def embed(self, imageset: ImageSet, models: list[str], cache: EmbeddingCache, *, device: str,
+              reporter: Reporter, force: bool) -> dict[str, EmbeddingSet]:
+        return extract_on_ray(imageset, models, cache, device=device, reporter=reporter, force=force,
+                              shard_size=self.shard_size)
+
+    def score(self, sets: Sequence[EmbeddingSet], rows: np.ndarray, labels: np.ndarray, k: int,
+              reporter: Reporter) -> list[QueryScores]:
+        return scores_on_ray([es.load() for es in sets], labels, k, rows=rows, reporter=reporter)
+
+    def sweep(self, arrays: Sequence[np.ndarray], labels: np.ndarray, weights: Sequence[float], k: int,
+              reporter: Reporter) -> list[dict]:
+        return sweep_on_ray(arrays, labels, weights, k, reporter=reporter)
+
+
 class RayExecutor:
-    """Runs extract and evaluate jobs on the Ray cluster this process is connected to (`connect`)."""
+    """Runs every job's handler (core.tasks) in this process, with its extraction and evaluation on Ray."""
 
     def __init__(self, workspace: Workspace, engine: Engine, *, shard_size: int = DEFAULT_SHARD_SIZE):
-        self.workspace, self.engine, self.shard_size = workspace, engine, shard_size
+        self.workspace, self.engine, self.compute = workspace, engine, RayCompute(shard_size)
 
     def run(self, job: db.Job, reporter: Reporter) -> int | None:
         with jobs.running(job.id):
-            if job.kind == ExtractConfig.kind:
-                return self._extract(ExtractConfig.from_dict(job.params), job.id, reporter)
-            if job.kind == EvaluateConfig.kind:
-                return self._evaluate(EvaluateConfig.from_dict(job.params), job.id, reporter)
-            return run_job(job.kind, dict(job.params), reporter, self.workspace, self.engine)
-
-    # The bookkeeping below is that of core.tasks' extract and evaluate handlers, around the Ray work.
-
-    def _start(self, kind: str, title: str, config, job_id: int) -> tuple[ImageSet, int]:
-        """Open and record the dataset, open the job's run. `title` may name {dataset}."""
-        imageset = open_dataset(config.dataset, self.workspace, limit_per_class=config.limit_per_class)
-        with db.begin_immediate(self.engine) as session:
-            dataset = db.record_dataset(
-                session, name=imageset.name, source=config.dataset, fingerprint=imageset.fingerprint,
-                n_images=len(imageset), n_classes=len(imageset.class_names), n_skipped=len(imageset.skipped))
-            run = db.start_run(session, kind=kind, title=title.format(dataset=dataset.name) + " (on Ray)",
-                               config=config.to_dict(), dataset_id=dataset.id, job_id=job_id)
-        return imageset, run.id
-
-    def _embeddings(self, imageset: ImageSet, config, reporter: Reporter, force: bool = False) -> list[EmbeddingSet]:
-        sets = extract_on_ray(imageset, list(config.models), EmbeddingCache(self.workspace.embeddings),
-                              device=config.device, reporter=reporter, force=force, shard_size=self.shard_size)
-        return [sets[m] for m in config.models]
-
-    def _extract(self, config: ExtractConfig, job_id: int, reporter: Reporter) -> int:
-        imageset, run_id = self._start("extract", f"extract {', '.join(config.models)} on {{dataset}}", config, job_id)
-        sets = self._embeddings(imageset, config, reporter, force=config.force)
-        with db.begin_immediate(self.engine) as session:
-            dataset = db.get_dataset(session, imageset.fingerprint)
-            for es in sets:
-                db.record_model(session, name=es.model_name, dim=es.dim)
-                db.record_embedding_set(
-                    session, dataset_id=dataset.id, model_name=es.model_name, cache_key=es.cache_key,
-                    path=str(es.path), n=es.n, dim=es.dim, dtype=es.dtype,
-                    seconds_per_image=es.seconds_per_image, device=es.device)
-            db.finish_run(session, run_id)
-        return run_id
-
-    def _evaluate(self, config: EvaluateConfig, job_id: int, reporter: Reporter) -> int:
-        """One result per model, scored on the eval split."""
-        imageset, run_id = self._start("evaluate", f"evaluate {len(config.models)} models, k={config.k}", config,
-                                       job_id)
-        _, rows = imageset.protocol_rows(config.protocol)
-        if len(rows) < 2 or config.k > len(rows) - 1:
-            raise ValueError(f"k={config.k} but the eval split of {imageset.name!r} has {len(rows)} images "
-                             f"({len(rows) - 1} to retrieve per query); choose k of at most {max(1, len(rows) - 1)}")
-        sets = self._embeddings(imageset, config, reporter)
-        per_model = scores_on_ray([es.load() for es in sets], imageset.labels[rows], config.k, rows=rows,
-                                  reporter=reporter)
-        scored = [(Method.single(model), scores) for model, scores in zip(config.models, per_model)]
-        with db.begin_immediate(self.engine) as session:
-            results = db.add_results(session, run_id, [
-                {"method": method, "metrics": scores.summary(), "selected_on": "none",
-                 "split": PROTOCOL_SPLIT[config.protocol]} for method, scores in scored])
-        for row, (_, scores) in zip(results, scored):
-            save_query_scores(self.workspace, row.id, scores)
-        with db.begin_immediate(self.engine) as session:
-            db.finish_run(session, run_id)
-        return run_id
+            return run_job(job.kind, dict(job.params), reporter, self.workspace, self.engine, self.compute)
 
 
 # --- extraction ----------------------------------------------------------------------------------
@@ -385,3 +352,42 @@ def scores_on_ray(embeddings: Sequence[np.ndarray], labels: np.ndarray, k: int, 
         for holder in holders:  # also stops the blocks still running when the job was cancelled
             ray.kill(holder)
     return scores
+
+
+# --- sweeps --------------------------------------------------------------------------------------
+
+
+def _score_share(embeddings: list[np.ndarray], labels: np.ndarray, k: int, vectors: list[tuple]) -> tuple[list[dict], str]:
+    """A Ray task: the exact scorer (core.sweep) over every model, for its share of the weight vectors."""
+    scorer = WeightedConcatScorer(embeddings, labels, k)
+    return scorer.score(np.array(vectors)), ray_module().get_runtime_context().get_node_id()
+
+
+def sweep_on_ray(embeddings: Sequence[np.ndarray], labels: np.ndarray, weights: Sequence[float], k: int, *,
+                 reporter: Reporter | None = None) -> list[dict]:
+    """`core.sweep.grid_sweep` with the weight vectors split across tasks (one per GPU, else one per node),
+    each scoring its share with the same exact scorer over the whole set: the same rows, whichever computes."""
+    ray = ray_module()
+    reporter = reporter or SILENT
+    grid = WeightGrid(weights, len(embeddings))
+    tasks, gpus, cpus = _actor_shape(ray, "auto", spare_cpus=0)
+    shares = [share for share in np.array_split(np.arange(len(grid.scored)), tasks) if len(share)]
+    shared = ray.put([np.asarray(e, dtype=np.float32) for e in embeddings])  # once, for every task
+    score = ray.remote(num_gpus=gpus, num_cpus=cpus, scheduling_strategy="SPREAD", max_retries=2)(_score_share)
+    pending = {score.remote(shared, np.asarray(labels), k, [grid.scored[i] for i in share]): index
+               for index, share in enumerate(shares)}
+    scored: dict[int, list[dict]] = {}
+    nodes = set()
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            reporter.check_cancel()
+            for ref in ready:
+                scored[pending.pop(ref)], node = ray.get(ref)
+                nodes.add(node)
+                reporter.progress(len(scored) / len(shares), f"scored {len(scored)}/{len(shares)} shares of "
+                                  f"{len(grid.scored):,} weight vectors on Ray ({len(nodes)} nodes)")
+    finally:
+        for ref in pending:  # cancelled: stop the shares still running
+            ray.cancel(ref, force=True)
+    return grid.rows([row for index in range(len(shares)) for row in scored[index]])

@@ -489,19 +489,32 @@ def grid_sweep(embeddings: list[np.ndarray], labels: np.ndarray, weights=(0, 1, 
     "ratio" (its ratio class; equal ratios rank identically) and the metric keys of `evaluate`.
     """
     reporter = reporter or SILENT
-    values = sorted({float(v) for v in weights})
-    if any(v < 0 for v in values):
-        raise MetricsError("weights must be non-negative")
-    vectors = [v for v in itertools.product(values, repeat=len(embeddings)) if any(v)]
-    ratios = [ratio_class(v) for v in vectors]
-    first_of_class: dict[tuple, tuple] = {}  # each ratio class is scored once, through its first vector
-    for v, c in zip(vectors, ratios):
-        first_of_class.setdefault(c, v)
+    grid = WeightGrid(weights, len(embeddings))
     reporter.progress(0.0, f"preparing candidates for {len(embeddings)} models")
     scorer = WeightedConcatScorer(embeddings, labels, k, device=device)
-    scores = dict(zip(first_of_class, scorer.score(np.array(list(first_of_class.values())), reporter)))
-    rows = [{"weights": plain_weights(v), "ratio": c, **scores[c]} for v, c in zip(vectors, ratios)]
-    return _ranked_rows(rows)
+    return grid.rows(scorer.score(np.array(grid.scored), reporter))
+
+
+class WeightGrid:
+    """The vectors of a weight grid over `n_models` (all but the all-zero one) and the ones actually scored:
+    the first vector of each ratio class, since multiples of a vector rank identically."""
+
+    def __init__(self, weights, n_models: int):
+        values = sorted({float(v) for v in weights})
+        if any(v < 0 for v in values):
+            raise MetricsError("weights must be non-negative")
+        self.vectors = [v for v in itertools.product(values, repeat=n_models) if any(v)]
+        self.ratios = [ratio_class(v) for v in self.vectors]
+        first_of_class: dict[tuple, tuple] = {}
+        for v, c in zip(self.vectors, self.ratios):
+            first_of_class.setdefault(c, v)
+        self.classes, self.scored = list(first_of_class), list(first_of_class.values())
+
+    def rows(self, scores: Sequence[dict]) -> list[dict]:
+        """Every vector's row, best first, from the metrics of `scored` (in that order)."""
+        by_class = dict(zip(self.classes, scores))
+        return _ranked_rows([{"weights": plain_weights(v), "ratio": c, **by_class[c]}
+                             for v, c in zip(self.vectors, self.ratios)])
 
 
 def random_sweep(embeddings: list[np.ndarray], labels: np.ndarray, n_samples: int = 256, k: int = 50, *,

@@ -4,11 +4,15 @@ A handler is registered for a settings class (core.configs) and called as
 `handler(settings, reporter, workspace, engine) -> run_id | None`. `run_job` is the one way in: it
 parses the stored params into the settings class, so a job with unknown or out-of-range values fails
 with the validation message before any work starts.
+
+The heavy steps (embedding images, scoring an evaluation or a grid sweep) go through a `Compute`: this
+process's by default, a Ray cluster's with core.ray_executor.RayCompute. The record-keeping around them is
+the handlers', whichever computes.
 """
 from __future__ import annotations
 
 import contextvars
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from sqlalchemy import Engine
@@ -43,6 +47,36 @@ class UnknownJobKind(ValueError):
 _HANDLERS: dict[str, tuple[type[Settings], Handler]] = {}
 
 
+class Compute:
+    """Runs a job's heavy steps in this process, on this host's device."""
+
+    title_suffix = ""  # added to the title of every run computed here
+
+    def embed(self, imageset: ImageSet, models: list[str], cache: EmbeddingCache, *, device: str,
+              reporter: Reporter, force: bool) -> dict[str, EmbeddingSet]:
+        """core.extract.extract_embeddings: each model's embeddings of `imageset`, cached."""
+        return extract_embeddings(imageset, models, cache, device=None if device == "auto" else device,
+                                  reporter=reporter, force=force)
+
+    def score(self, sets: Sequence[EmbeddingSet], rows: np.ndarray, labels: np.ndarray, k: int,
+              reporter: Reporter) -> list[QueryScores]:
+        """core.metrics.per_query_scores of each set's `rows`: exact search, every query scored."""
+        out = []
+        for i, es in enumerate(sets):
+            reporter.check_cancel()
+            out.append(per_query_scores(es.load()[rows], labels, k))
+            reporter.progress((i + 1) / len(sets), f"evaluated {es.model_name}")
+        return out
+
+    def sweep(self, arrays: Sequence[np.ndarray], labels: np.ndarray, weights: Sequence[float], k: int,
+              reporter: Reporter) -> list[dict]:
+        """core.sweep.grid_sweep: every vector of the weight grid, scored exactly, best first."""
+        return grid_sweep(list(arrays), labels, weights=weights, k=k, reporter=reporter)
+
+
+LOCAL = Compute()
+
+
 def job_kind(settings: type[Settings]) -> Callable[[Handler], Handler]:
     """Register the handler of the job kind `settings.kind` (one handler per kind)."""
 
@@ -57,8 +91,8 @@ def job_kind(settings: type[Settings]) -> Callable[[Handler], Handler]:
 
 
 def run_job(kind: str, params: Mapping[str, Any], reporter: Reporter, workspace: Workspace,
-            engine: Engine) -> int | None:
-    """Parse `params` into the kind's settings and run its handler."""
+            engine: Engine, compute: Compute = LOCAL) -> int | None:
+    """Parse `params` into the kind's settings and run its handler, its heavy steps on `compute`."""
     try:
         settings, handler = _HANDLERS[kind]
     except KeyError:
@@ -67,7 +101,7 @@ def run_job(kind: str, params: Mapping[str, Any], reporter: Reporter, workspace:
             "Is the worker older than the dashboard that submitted the job?"
         ) from None
     config = settings.from_dict(params)
-    token = _opened_runs.set([])
+    token, computing = _opened_runs.set([]), _compute.set(compute)
     try:
         return handler(config, reporter, workspace, engine)
     except BaseException as error:
@@ -77,9 +111,11 @@ def run_job(kind: str, params: Mapping[str, Any], reporter: Reporter, workspace:
         raise
     finally:
         _opened_runs.reset(token)
+        _compute.reset(computing)
 
 
 _opened_runs: contextvars.ContextVar[list[int]] = contextvars.ContextVar("opened_runs", default=[])
+_compute: contextvars.ContextVar[Compute] = contextvars.ContextVar("compute", default=LOCAL)
 
 
 def _close_opened_runs(engine: Engine, status: str, reason: str) -> None:
@@ -105,8 +141,8 @@ def _start(kind: str, title: str, config, workspace: Workspace, engine: Engine) 
             session, name=imageset.name, source=config.dataset, fingerprint=imageset.fingerprint,
             n_images=len(imageset), n_classes=len(imageset.class_names), n_skipped=len(imageset.skipped),
         )
-        run = db.start_run(session, kind=kind, title=title.format(dataset=dataset.name), config=config.to_dict(),
-                           dataset_id=dataset.id, job_id=current_job_id())
+        run = db.start_run(session, kind=kind, title=title.format(dataset=dataset.name) + _compute.get().title_suffix,
+                           config=config.to_dict(), dataset_id=dataset.id, job_id=current_job_id())
     _opened_runs.get().append(run.id)
     return imageset, run.id
 
@@ -115,10 +151,9 @@ def _embeddings(imageset: ImageSet, config, workspace: Workspace, reporter: Repo
                 force: bool = False) -> list[EmbeddingSet]:
     """The models' embeddings of `imageset`, in the order of `config.models`: read from the cache, or
     extracted (and cached) for the ones that are missing."""
-    device = None if config.device == "auto" else config.device
     embedded = imageset.only("eval") if config.eval_only else imageset
-    sets = extract_embeddings(embedded, list(config.models), EmbeddingCache(workspace.embeddings),
-                              device=device, reporter=reporter, force=force)
+    sets = _compute.get().embed(embedded, list(config.models), EmbeddingCache(workspace.embeddings),
+                                device=config.device, reporter=reporter, force=force)
     return [sets[m] for m in config.models]
 
 
@@ -179,12 +214,8 @@ def evaluate(config: EvaluateConfig, reporter: Reporter, workspace: Workspace, e
     imageset, run_id = _start("evaluate", f"evaluate {len(config.models)} models, k={config.k}", config, workspace, engine)
     _, rows, split = _rows(imageset, config)
     sets = _embeddings(imageset, config, workspace, reporter)
-    labels = imageset.labels[rows]
-    results = []
-    for i, (model, es) in enumerate(zip(config.models, sets)):
-        reporter.check_cancel()
-        results.append(_scored(Method.single(model), per_query_scores(es.load()[rows], labels, config.k), "none", split))
-        reporter.progress((i + 1) / len(sets), f"evaluated {model}")
+    scores = _compute.get().score(sets, rows, imageset.labels[rows], config.k, reporter)
+    results = [_scored(Method.single(model), s, "none", split) for model, s in zip(config.models, scores)]
     return _finish(engine, workspace, run_id, results)
 
 
@@ -202,7 +233,7 @@ def sweep(config: SweepConfig, reporter: Reporter, workspace: Workspace, engine:
     if config.search == "random":
         scored = random_sweep(arrays, labels, n_samples=config.n_samples, k=config.k, reporter=reporter)
     else:
-        scored = grid_sweep(arrays, labels, weights=config.weights, k=config.k, reporter=reporter)
+        scored = _compute.get().sweep(arrays, labels, config.weights, config.k, reporter)
     by_model = dict(zip(models, arrays))
     results, best_of_subset = [], set()
     for row in scored:  # best first

@@ -2,7 +2,7 @@
 once per session. Extraction through Ray writes the embeddings a local extraction writes, even when one of its
 actors is killed mid-job; evaluation through Ray gives the local executor's metrics bit for bit; a worker killed
 mid-job has its job re-queued, and the next attempt computes only the missing shards; a cancel shuts the
-pipeline down and keeps the shards committed.
+pipeline down and keeps the shards committed; a grid sweep split across the nodes gives the local rows.
 
 Where no Ray cluster can start, CI fails (CI=true) and elsewhere these tests are skipped with the reason."""
 from __future__ import annotations
@@ -25,12 +25,14 @@ from core.datasets import DatasetError, open_image_folder
 from core.extract import extract_embeddings
 from core.models import cache_key_for
 from core.progress import JobCancelled, Reporter
-from core.ray_executor import RAY_REQUIREMENT, RayExecutor, connect, extract_on_ray
+from core.ray_executor import RAY_REQUIREMENT, RayExecutor, connect, extract_on_ray, sweep_on_ray
 from core.scores import load_query_scores
+from core.sweep import grid_sweep
 from core.tasks import run_job
 from core.worker import Worker, WorkerSettings
 from core.workspace import Workspace
 from tests.images import write_image
+from tests.reference import quantised_embeddings, reference_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["random:test_efficientnet"]
@@ -173,6 +175,44 @@ def test_an_evaluate_job_on_ray_scores_exactly_as_the_local_executor(ray_address
         for field in ("ap_at_k", "ap_at_k_hits", "ap_at_r", "p_at_1", "n_relevant"):
             np.testing.assert_array_equal(getattr(ours, field), getattr(theirs, field))
     assert "query blocks on Ray (2 nodes)" in messages[-1]  # one block on each node
+
+
+def test_any_job_extracts_on_ray_what_it_misses(ray_address, images, reference, tmp_path):
+    """An eval-only evaluation (what the demo queues) of a model not cached yet: the job runs core.tasks'
+    handler, which embeds the eval split's own set through Ray and scores it there."""
+    workspace, engine = open_workspace(tmp_path)
+    EvaluateConfig(dataset=str(images), models=tuple(MODELS), k=5, eval_only=True).submit(engine)
+    messages = []
+
+    run_id = RayExecutor(workspace, engine, shard_size=SHARD).run(jobs.claim(engine, "test-worker"),
+                                                                  Reporter(on_progress=lambda f, m: messages.append(m)))
+
+    eval_split = open_image_folder(images).only("eval")  # every image here is in eval, in the same order
+    on_ray = EmbeddingCache(workspace.embeddings).get(eval_split.fingerprint, cache_key_for(MODELS[0]))
+    assert_same_embeddings({MODELS[0]: np.array(on_ray.load())}, reference)
+    assert any("images on Ray" in m for m in messages), messages
+    with db.read_session(engine) as session:
+        run = db.get_run(session, run_id)
+        assert run.title.endswith("(on Ray)") and len(run.results) == 1
+        got = run.results[0].metrics
+    want = reference_metrics(reference[MODELS[0]], eval_split.labels, 5)
+    for key in ("map@k", "map@r", "p@1"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+
+
+def test_a_grid_sweep_on_ray_gives_the_local_sweeps_rows(ray_address):
+    """Quantised vectors: every weighted cosine is exact in float32, ties are real ties (broken by index), so
+    the rows must be equal, not just close, whichever process scored which vectors."""
+    rng = np.random.default_rng(5)
+    embeddings = [quantised_embeddings(rng, 120, d=12, duplicates=6) for _ in range(3)]
+    labels = rng.integers(0, 8, size=120)
+    messages = []
+
+    on_ray = sweep_on_ray(embeddings, labels, (0, 1, 2), 10, reporter=Reporter(on_progress=lambda f, m: messages.append(m)))
+
+    assert on_ray == grid_sweep(embeddings, labels, weights=(0, 1, 2), k=10)
+    assert len(on_ray) == 3 ** 3 - 1
+    assert "on Ray (2 nodes)" in messages[-1], messages  # one share on each node
 
 
 WORKER = """
