@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -39,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "e2e"))  # the browser tests' harness: serve, chromium, page helpers
 
 from e2e_harness import HEADINGS, PAGES, chromium, goto, heading, new_page, prepare_workspace, serve  # noqa: E402
-from bench.machine import cpu_name
+from bench.machine import cpu_name, write_result
 
 DEFAULT_WORKSPACE = Path("/tmp/ensemble-bench-pages-demo-small")
 CHARTS_DRAWN = """() => Array.from(document.querySelectorAll('[data-testid=stPlotlyChart]'))
@@ -60,7 +59,7 @@ def timed_switch(page, title: str) -> float:
     return time.perf_counter() - start
 
 
-def measure(workspace: Path, dataset: str, repeats: int) -> dict:
+def measure(workspace: Path, dataset: str, repeats: int, only: set[str] | None = None) -> dict:
     with serve(workspace, dataset=dataset, worker=False) as app, chromium() as browser:
         page = new_page(browser)
         start = time.perf_counter()
@@ -69,6 +68,8 @@ def measure(workspace: Path, dataset: str, repeats: int) -> dict:
         first_load = time.perf_counter() - start
         times = {}
         for title, _, _ in PAGES[1:] + PAGES[:1]:  # Start last: warm like the others
+            if only and title not in only:
+                continue
             other = "Runs" if title == "Start" else "Start"
             timed_switch(page, other)
             timed_switch(page, title)  # cold: fills the caches
@@ -153,18 +154,17 @@ def main() -> int:
     parser.add_argument("--lists-queries", type=int, default=50_000, help="queries of the list benchmark (0: skip it)")
     parser.add_argument("--lists-dims", type=int, default=32, help="embedding dims of the list benchmark's ad-hoc side")
     parser.add_argument("--lists-only", action="store_true", help="only the list benchmark (no browser)")
+    parser.add_argument("--pages", help="comma-separated navigation titles to time (default: every page)")
     args = parser.parse_args()
     report = {"benchmark": "pages", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "dataset": args.dataset, **machine()}
     if not args.lists_only:
         workspace = args.workspace or prepare_workspace(DEFAULT_WORKSPACE)
-        report.update(workspace=workspace_facts(workspace), **measure(workspace, args.dataset, args.repeats))
+        only = set(args.pages.split(",")) if args.pages else None
+        report.update(workspace=workspace_facts(workspace), **measure(workspace, args.dataset, args.repeats, only))
     if args.lists_queries:
         report.update(measure_lists(args.lists_queries, args.lists_dims))
-    out = REPO / "bench" / "results" / f"pages_{args.name}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-    print(f"written to {out}")
+    write_result(report, REPO / "bench" / "results" / f"pages_{args.name}.json")
     return 0
 
 

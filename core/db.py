@@ -583,6 +583,14 @@ def get_run(session: Session, run_id: int) -> Run | None:
     return session.scalar(select(Run).where(Run.id == run_id).options(selectinload(Run.results)))
 
 
+def results_version(session: Session) -> tuple[int, ...]:
+    """Changes whenever a result is added or deleted or a run finishes or is deleted (results are written
+    once, never edited): the key of anything a reader computes from the stored results."""
+    results = session.execute(select(func.count(Result.id), func.max(Result.id))).one()
+    runs = session.execute(select(func.count(Run.id), func.max(Run.id)).where(Run.status == "done")).one()
+    return tuple(int(v or 0) for v in (*results, *runs))
+
+
 def results_for_dataset(session: Session, fingerprint: str, *, kind: str | None = None) -> list[Result]:
     """Every result measured on this dataset by a finished run, newest run first (the leaderboard)."""
     query = (

@@ -81,8 +81,8 @@ def available_ks(entries: Sequence[Entry]) -> list[int]:
 
 
 def _best(entries: Sequence[Entry], metric: str) -> Entry:
-    # Newest first in input; max keeps the first of equals, i.e. the newest.
-    return max(entries, key=lambda e: (_finite(e.score(metric)), -entries.index(e)))
+    # Newest first in input; of equal scores the first, i.e. the newest.
+    return max(enumerate(entries), key=lambda pair: (_finite(pair[1].score(metric)), -pair[0]))[1]
 
 
 def _finite(x: float) -> float:

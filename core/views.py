@@ -406,6 +406,20 @@ def heatmap(table: Sequence[Mapping], row_key: str, column_key: str, metric: str
     return Heatmap(rows, columns, [[best.get((a, b), float("nan")) for b in columns] for a in rows])
 
 
+def best_by_weight(table: Sequence[Mapping], models: Sequence[str], metric: str) -> dict[str, list[tuple[float, float]]]:
+    """Per model, (weight value, the best `metric` of the vectors giving it that weight), by weight: how much
+    each model's weight matters when the others are at their best."""
+    out = {}
+    for model in models:
+        best: dict[float, float] = {}
+        for r in table:
+            weight, value = float(r[f"w:{model}"]), float(r[metric])
+            if value == value and not best.get(weight, -math.inf) >= value:
+                best[weight] = value
+        out[model] = sorted(best.items())
+    return out
+
+
 def done_runs(engine: Engine, fingerprint: str, kind: str) -> list[db.Run]:
     """This dataset's finished runs of `kind`, newest first."""
     return [r for r in lb.runs_for_dataset(engine, fingerprint, kind) if r.status == "done"]

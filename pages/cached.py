@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import streamlit as st
 
-from core import views
+from core import db, views
 from core import leaderboard as lb
 from core.datasets import PROTOCOL_SPLIT, ImageSet, open_dataset
 from core.explorer import ExplorerError, cached_arrays, query_scores
@@ -49,11 +49,36 @@ def eval_rows(imageset: ImageSet, protocol: str = "image") -> np.ndarray:
     return imageset.protocol_rows(protocol)[1]
 
 
+@st.cache_resource(max_entries=16)
+def _entries(database: str, fingerprint: str, split: str, version: tuple[int, ...]) -> list[lb.Entry]:
+    return lb.entries_for_dataset(state.engine(), fingerprint, split)
+
+
 def entries(imageset: ImageSet | str, protocol: str = "image") -> list[lb.Entry]:
     """core.leaderboard.entries_for_dataset: every stored result on this dataset (an opened one, or its
-    fingerprint: no scan) under `protocol`."""
+    fingerprint: no scan) under `protocol`; read again only when the stored results changed
+    (core.db.results_version). Shared by every session: never modify the list."""
     fingerprint = imageset if isinstance(imageset, str) else imageset.fingerprint
-    return lb.entries_for_dataset(state.engine(), fingerprint, PROTOCOL_SPLIT[protocol])
+    engine = state.engine()
+    return _entries(str(engine.url), fingerprint, PROTOCOL_SPLIT[protocol], _results_version(engine))
+
+
+@st.cache_resource(max_entries=16)
+def _sweep_table(database: str, run_id: int, metric: str, version: tuple[int, ...]) -> tuple[db.Run | None, list[dict]]:
+    run, results = lb.run_results(state.engine(), run_id)
+    return run, lb.sweep_rows(results, list(run.config.get("models", [])) if run else [], metric)
+
+
+def sweep_table(run_id: int, metric: str) -> tuple[db.Run | None, list[dict]]:
+    """A sweep run and its rows ranked by `metric` (core.leaderboard.run_results and sweep_rows), read again
+    only when the stored results changed. Shared by every session: never modify them."""
+    engine = state.engine()
+    return _sweep_table(str(engine.url), int(run_id), metric, _results_version(engine))
+
+
+def _results_version(engine) -> tuple[int, ...]:
+    with db.read_session(engine) as session:
+        return db.results_version(session)
 
 
 def cached_models(imageset: ImageSet) -> list[str]:

@@ -37,28 +37,27 @@ def class_difference(rows: Sequence[Mapping], metric: str) -> go.Figure:
                      ).update_layout(title=f"{metric}: B − A per class", height=320)
 
 
-def weight_heatmap(grid: Heatmap, metric: str, x_title: str, y_title: str, small: bool = False) -> go.Figure:
+def weight_heatmap(grid: Heatmap, metric: str, x_title: str, y_title: str) -> go.Figure:
     """A metric over two models' weights. Categorical axes: one equal cell per weight value, ticks labelled
     by the values (a numeric axis gave uneven cells and ticks at -0.5); never-scored cells stay blank."""
     figure = go.Figure(go.Heatmap(
         z=grid.z, x=[f"{c:g}" for c in grid.columns], y=[f"{r:g}" for r in grid.rows], colorscale="Viridis",
-        **({"showscale": False} if small else {"text": grid.labels(), "texttemplate": "%{text}",
-                                               "colorbar": {"title": metric}})))
+        text=grid.labels(), texttemplate="%{text}", colorbar={"title": metric}))
     figure.update_layout(xaxis={"type": "category"}, yaxis={"type": "category"},
-                         xaxis_title=plot_text(x_title), yaxis_title=plot_text(y_title),
-                         **({"height": 260, "margin": {"l": 10, "r": 10, "t": 30, "b": 10}, "title": f"best {metric}"}
-                            if small else {"height": 480, "title": f"{metric} over weights (oracle)"}))
+                         xaxis_title=plot_text(x_title), yaxis_title=plot_text(y_title), height=480,
+                         title=f"{metric} over weights (oracle)")
     return figure
 
 
-def weight_lines(table: Sequence[Mapping], models: Sequence[str], metric: str) -> go.Figure:
-    """Parallel coordinates: one line per weight vector, one axis per model and one for the metric."""
-    values = np.array([r[metric] for r in table], dtype=float)
-    dims = [{"label": plot_text(m.split(":")[-1][-14:]), "values": [r[f"w:{m}"] for r in table]} for m in models]
-    dims.append({"label": metric, "values": values})
-    figure = go.Figure(go.Parcoords(line={"color": values, "colorscale": "Viridis", "showscale": True},
-                                    dimensions=dims))
-    return figure.update_layout(title=f"{metric} over weights (oracle): one line per weight vector", height=460)
+def weight_profiles(profiles: Mapping[str, Sequence[tuple[float, float]]], metric: str) -> go.Figure:
+    """One line per model (core.views.best_by_weight): the best `metric` at each of its weight values."""
+    figure = go.Figure()
+    for model, points in profiles.items():
+        figure.add_trace(go.Scatter(x=[w for w, _ in points], y=[v for _, v in points], mode="lines+markers",
+                                    name=plot_text(model)))
+    return figure.update_layout(title=f"best {metric} at each weight of a model, the others at their best (oracle)",
+                                xaxis_title="weight", yaxis_title=metric, height=380,
+                                margin={"l": 10, "r": 10, "t": 40, "b": 10}, legend={"orientation": "h"})
 
 
 def training_curve(points: Sequence[Mapping], k: int) -> go.Figure | None:
@@ -99,7 +98,7 @@ def embedding_map(groups, coords: np.ndarray, ids: np.ndarray, class_names: Sequ
         name = plot_text(class_names[c])
         figure.add_trace(scatter(
             x=coords[members, 0], y=coords[members, 1], mode="markers", name=name, marker={"size": 6, "opacity": 0.8},
-            customdata=ids[members], text=[name] * len(members), hovertemplate="#%{customdata} · %{text}<extra></extra>"))
+            customdata=ids[members], hovertemplate="#%{customdata} · %{fullData.name}<extra></extra>"))
     figure.update_layout(height=600, title=plot_text(title), legend={"itemsizing": "constant"}, dragmode="select",
                          margin={"l": 10, "r": 10, "t": 40, "b": 10})
     return figure

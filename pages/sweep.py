@@ -50,19 +50,18 @@ def launch_form(source: str, models: list[str]) -> None:
 
 
 def pictures(table: list[dict], models: list[str], metric: str) -> None:
-    """The metric over the weights: one heatmap for two models; else parallel coordinates and the best value
-    over the other weights for each pair of models."""
-    if len(models) == 2:
-        grid = views.heatmap(table, f"w:{models[0]}", f"w:{models[1]}", metric)
-        st.plotly_chart(charts.weight_heatmap(grid, metric, models[1], models[0]), key="sweep:heatmap")
-        return
-    st.plotly_chart(charts.weight_lines(table, models, metric), key="sweep:parcoords")
-    pairs = list(itertools.combinations(models, 2))
-    cells = st.columns(min(3, len(pairs)))
-    for i, (a, b) in enumerate(pairs):
-        grid = views.heatmap(table, f"w:{a}", f"w:{b}", metric)
-        cells[i % len(cells)].plotly_chart(charts.weight_heatmap(grid, metric, b[-14:], a[-14:], small=True),
-                                           key=f"sweep:small:{i}")
+    """The metric over the weights: a heatmap of two models' weights; with more models, each model's best
+    value per weight first, and the heatmap of a chosen pair (at the best over the other weights). Plain
+    charts: parallel coordinates draw with WebGL, seconds per render where the browser has no GPU."""
+    pair = tuple(models)
+    if len(models) > 2:
+        st.plotly_chart(charts.weight_profiles(views.best_by_weight(table, models, metric), metric),
+                        key="sweep:profiles")
+        pairs = list(itertools.combinations(models, 2))
+        pair = st.selectbox("Heatmap of two models' weights (best over the others' weights)", pairs,
+                            format_func=" × ".join, key="sweep:pair")
+    grid = views.heatmap(table, f"w:{pair[0]}", f"w:{pair[1]}", metric)
+    st.plotly_chart(charts.weight_heatmap(grid, metric, pair[1], pair[0]), key="sweep:heatmap")
 
 
 with widgets.guarded():
@@ -78,9 +77,8 @@ with widgets.guarded():
 
     run_id = widgets.pick_run(runs, "sweep", "Sweep", key="sweep:run")
     metric = st.selectbox("Metric", METRIC_KEYS, key="sweep:metric")
-    run, entries = lb.run_results(engine, run_id)
+    run, table = cached.sweep_table(run_id, metric)
     models = list(run.config.get("models", []))
-    table = lb.sweep_rows(entries, models, metric)
     st.caption(f"{len(table)} weight vectors over {views.md(', '.join(models))}, k={run.config.get('k')}; "
                "vectors in the same ratio class rank identically ('same as').")
 

@@ -335,6 +335,19 @@ def test_heatmap_takes_the_best_over_the_other_weights():
     assert two.labels() == [["", "0.5000"], ["0.2500", ""]]
 
 
+def test_best_by_weight_takes_the_best_over_the_other_weights():
+    rng = np.random.default_rng(2)
+    table = [{"w:a": a, "w:b": b, "w:c": c, "map@k": float(rng.random())}
+             for a, b, c in itertools.product([0, 1, 3], repeat=3) if a or b or c]
+    table[2]["map@k"] = float("nan")
+    profiles = views.best_by_weight(table, ["a", "b", "c"], "map@k")
+    assert list(profiles) == ["a", "b", "c"]
+    for model, points in profiles.items():
+        assert [w for w, _ in points] == [0, 1, 3]
+        for weight, best in points:
+            assert best == max(r["map@k"] for r in table if r[f"w:{model}"] == weight and r["map@k"] == r["map@k"])
+
+
 def test_result_rows_and_run_comparison():
     run = SimpleNamespace(id=7, duration_s=1.5)
     head = Method.head(["a", "b"], "/h", "mlp head")
