@@ -43,10 +43,7 @@ class ConfigError(ValueError):
 
 
 def check_k(k: Any) -> int:
-    value = _integer("k", k)
-    if not 1 <= value <= MAX_K:
-        raise ConfigError(f"k must be between 1 and {MAX_K:,}, got {value}")
-    return value
+    return _bounded("k", k, 1, MAX_K)
 
 
 def check_weight(w: Any) -> float:
@@ -104,9 +101,9 @@ def check_grid(values: Any, n_models: int) -> tuple[float, ...]:
 
 def check_device(device: Any) -> str:
     value = str(device or "auto")
-    if value not in DEVICES and not (value.startswith("cuda:") and value[5:].isdigit()):
-        raise ConfigError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {value!r}")
-    return value
+    if value.startswith("cuda:") and value[5:].isdigit():
+        return value
+    return _one_of("device", value, DEVICES, " or cuda:N")
 
 
 def check_source(source: Any) -> str:
@@ -128,13 +125,22 @@ def _integer(name: str, value: Any) -> int:
     return int(number)
 
 
+def _bounded(name: str, value: Any, lower: int, upper: int) -> int:
+    """`value` as a whole number within [lower, upper]."""
+    number = _integer(name, value)
+    if not lower <= number <= upper:
+        raise ConfigError(f"{name} must be between {lower:,} and {upper:,}, got {number}")
+    return number
+
+
+def _one_of(name: str, value: Any, options: tuple[str, ...], more: str = "") -> str:
+    if value not in options:
+        raise ConfigError(f"{name} must be one of {', '.join(options)}{more}, got {value!r}")
+    return value
+
+
 def _optional_count(name: str, value: Any, upper: int) -> int | None:
-    if value in (None, "", 0):
-        return None
-    count = _integer(name, value)
-    if not 1 <= count <= upper:
-        raise ConfigError(f"{name} must be between 1 and {upper:,}, got {count}")
-    return count
+    return None if value in (None, "", 0) else _bounded(name, value, 1, upper)
 
 
 # --- job configs ---------------------------------------------------------------------------------
@@ -181,8 +187,7 @@ class JobConfig(Settings):
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the values once, here
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        _one_of("protocol", self.protocol, PROTOCOLS)
         if self.eval_only and (self.protocol != "image" or self.kind in ("select_weights", "train_head")):
             raise ConfigError("eval_only suits jobs that only score the eval split of the image protocol")
         set_(self, "dataset", check_source(self.dataset))
@@ -221,13 +226,9 @@ class SweepConfig(JobConfig):
         super().__post_init__()
         set_ = object.__setattr__
         set_(self, "k", check_k(self.k))
-        if self.search not in ("grid", "random"):
-            raise ConfigError(f"search must be 'grid' or 'random', got {self.search!r}")
+        _one_of("search", self.search, ("grid", "random"))
         set_(self, "weights", check_grid(self.weights, len(self.models)))
-        n = _integer("n_samples", self.n_samples)
-        if not 1 <= n <= MAX_RANDOM_SAMPLES:
-            raise ConfigError(f"n_samples must be between 1 and {MAX_RANDOM_SAMPLES:,}, got {n}")
-        set_(self, "n_samples", n)
+        set_(self, "n_samples", _bounded("n_samples", self.n_samples, 1, MAX_RANDOM_SAMPLES))
 
 
 @dataclass(frozen=True)
@@ -248,15 +249,11 @@ class SelectWeightsConfig(JobConfig):
         super().__post_init__()
         set_ = object.__setattr__
         set_(self, "k", check_k(self.k))
-        if self.search not in ("grid", "greedy"):
-            raise ConfigError(f"search must be 'grid' or 'greedy', got {self.search!r}")
+        _one_of("search", self.search, ("grid", "greedy"))
         if self.search == "grid":
             set_(self, "weights", check_grid(self.weights, len(self.models)))
-        for name, upper in (("max_steps", 1000), ("patience", 1000)):
-            value = _integer(name, getattr(self, name))
-            if not 1 <= value <= upper:
-                raise ConfigError(f"{name} must be between 1 and {upper}, got {value}")
-            set_(self, name, value)
+        for name in ("max_steps", "patience"):
+            set_(self, name, _bounded(name, getattr(self, name), 1, 1000))
 
 
 @dataclass(frozen=True)
@@ -291,8 +288,7 @@ class FuseConfig(JobConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         set_ = object.__setattr__
-        if self.method not in FUSE_METHODS:
-            raise ConfigError(f"fusion method must be one of {', '.join(FUSE_METHODS)}, got {self.method!r}")
+        _one_of("fusion method", self.method, FUSE_METHODS)
         if self.method in ("rrf", "max", "combsum") and len(self.models) < 2:
             raise ConfigError(f"{self.method} merges several models' results: choose at least two models")
         set_(self, "k", check_k(self.k))
@@ -306,10 +302,7 @@ class FuseConfig(JobConfig):
             if not (math.isfinite(value) and low <= value <= high):
                 raise ConfigError(f"{name} must be between {low:g} and {high:g}, got {getattr(self, name)!r}")
             set_(self, name, value)
-        n = _integer("n", self.n)
-        if not 0 <= n <= 100:
-            raise ConfigError(f"n must be between 0 and 100, got {n}")
-        set_(self, "n", n)
+        set_(self, "n", _bounded("n", self.n, 0, 100))
 
 
 FUSE_METHODS = ("rrf", "max", "combsum", "qe", "dba")
