@@ -1,13 +1,10 @@
-"""Choosing ensemble weights without looking at the eval split: fit on train, report on eval, the oracle beside it."""
+"""Choosing ensemble weights without looking at the eval split: the best weights of a sweep over the train rows."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
-from core.fusion import weighted_concat
-from core.metrics import evaluate as evaluate_embeddings
 from core.sweep import grid_sweep
 
 
@@ -20,17 +17,6 @@ def check_disjoint(train_rows: np.ndarray, eval_rows: np.ndarray) -> None:
             f"{len(overlap)} eval-split rows (e.g. {overlap[:5].tolist()}) are also in the training rows; "
             "fit on the train split only and report on the eval split"
         )
-
-
-@dataclass(frozen=True)
-class WeightSelection:
-    """Concat weights picked on the train split next to the best weights found by sweeping eval itself."""
-
-    selected_weights: tuple[float, ...]
-    selected_train: dict  # the sweep row on train that chose them
-    selected_eval: dict  # evaluated on eval with those weights: the honest number
-    oracle_weights: tuple[float, ...]
-    oracle_eval: dict  # evaluated on eval with eval's best weights: "oracle (tuned on eval)"
 
 
 def weights_chosen_on_train(
@@ -50,33 +36,3 @@ def weights_chosen_on_train(
     check_disjoint(train_rows, np.asarray(eval_rows))
     labels = np.asarray(labels)
     return sweep([e[train_rows] for e in embeddings], labels[train_rows], weights, k, reporter=reporter)[0]
-
-
-def select_concat_weights(
-    embeddings: Sequence[np.ndarray],
-    labels: np.ndarray,
-    train_rows: np.ndarray,
-    eval_rows: np.ndarray,
-    weights: Sequence[float] = (0, 1, 2, 3, 4, 5),
-    k: int = 50,
-    *,
-    sweep: Callable[..., list[dict]] = grid_sweep,
-    evaluate: Callable[..., dict] = evaluate_embeddings,
-    reporter=None,
-) -> WeightSelection:
-    """Grid-sweep concat weights on the train rows, keep the best, and score it on the eval rows beside
-    the oracle best of a sweep on the eval rows."""
-    on_train = weights_chosen_on_train(embeddings, labels, train_rows, eval_rows, weights, k, sweep=sweep,
-                                       reporter=reporter)
-    eval_rows, labels = np.asarray(eval_rows), np.asarray(labels)
-    on_eval = sweep([e[eval_rows] for e in embeddings], labels[eval_rows], weights, k, reporter=reporter)
-    chosen = tuple(float(w) for w in on_train["weights"])
-    oracle = tuple(float(w) for w in on_eval[0]["weights"])
-    eval_embeddings = [e[eval_rows] for e in embeddings]
-    return WeightSelection(
-        selected_weights=chosen,
-        selected_train=on_train,
-        selected_eval=evaluate(weighted_concat(eval_embeddings, chosen), labels[eval_rows], k),
-        oracle_weights=oracle,
-        oracle_eval=evaluate(weighted_concat(eval_embeddings, oracle), labels[eval_rows], k),
-    )

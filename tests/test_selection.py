@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from core.fusion import weighted_concat
-from core.selection import check_disjoint, select_concat_weights
-from tests.reference import brute_top_k
+from core.selection import check_disjoint, weights_chosen_on_train
+from tests.reference import brute_top_k, reference_metrics
 
 
 def test_check_disjoint():
@@ -31,8 +31,8 @@ def _toy_sweep(embeddings, labels, weights, k, reporter=None):
     return sorted(rows, key=lambda r: -r["map@k"])
 
 
-def test_select_concat_weights_fits_on_train_and_reports_eval():
-    # model 0 separates classes on train rows only, model 1 on eval rows only
+def test_weights_are_chosen_on_train_rows_only():
+    # model 0 separates classes on train rows only, model 1 on eval rows only: a choice on train picks model 0
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(4), 20)
     centroids = rng.normal(size=(4, 16)) * 4
@@ -41,17 +41,14 @@ def test_select_concat_weights_fits_on_train_and_reports_eval():
     m1 = rng.normal(size=(80, 16))
     m0[train_rows] += centroids[labels[train_rows]]
     m1[eval_rows] += centroids[labels[eval_rows]]
-    sel = select_concat_weights([m0, m1], labels, train_rows, eval_rows, (0, 1), k=5, sweep=_toy_sweep, evaluate=_toy_map)
-    assert sel.selected_weights == (1.0, 0.0)
-    assert sel.oracle_weights == (0.0, 1.0)
-    assert sel.oracle_eval["map@k"] > sel.selected_eval["map@k"]
+    chosen = weights_chosen_on_train([m0, m1], labels, train_rows, eval_rows, (0, 1), k=5, sweep=_toy_sweep)
+    assert chosen["weights"] == (1, 0)
+    assert _toy_sweep([m0[eval_rows], m1[eval_rows]], labels[eval_rows], (0, 1), 5)[0]["weights"] == (0, 1)
     with pytest.raises(ValueError, match="eval-split rows"):
-        select_concat_weights([m0, m1], labels, train_rows, np.array([0, 1]), (0, 1), k=5, sweep=_toy_sweep, evaluate=_toy_map)
+        weights_chosen_on_train([m0, m1], labels, train_rows, np.array([0, 1]), (0, 1), k=5, sweep=_toy_sweep)
 
 
-def test_select_concat_weights_with_the_real_sweep():
-    from core.metrics import evaluate
-
+def test_weights_chosen_with_the_real_sweep_score_as_their_concat_on_train():
     rng = np.random.default_rng(1)
     labels = np.repeat(np.arange(5), 16)
     centroids = rng.normal(size=(5, 8)) * 2
@@ -59,8 +56,8 @@ def test_select_concat_weights_with_the_real_sweep():
     noise = rng.normal(size=(80, 6)).astype(np.float32)
     rows = rng.permutation(80)
     train_rows, eval_rows = np.sort(rows[:50]), np.sort(rows[50:])
-    sel = select_concat_weights([good, noise], labels, train_rows, eval_rows, (0, 1, 2), k=5)
-    assert sel.selected_weights[0] > 0 and sel.selected_weights[0] >= sel.selected_weights[1]
-    expected = evaluate(weighted_concat([good[eval_rows], noise[eval_rows]], sel.selected_weights), labels[eval_rows], 5)
-    assert sel.selected_eval["map@k"] == pytest.approx(expected["map@k"])
-    assert sel.oracle_eval["map@k"] >= sel.selected_eval["map@k"] - 1e-12
+    chosen = weights_chosen_on_train([good, noise], labels, train_rows, eval_rows, (0, 1, 2), k=5)
+    assert chosen["weights"][0] > 0 and chosen["weights"][0] >= chosen["weights"][1]
+    want = reference_metrics(weighted_concat([good[train_rows], noise[train_rows]], chosen["weights"]),
+                             labels[train_rows], 5)
+    assert chosen["map@k"] == pytest.approx(want["map@k"], abs=1e-6)
