@@ -36,7 +36,7 @@ from core.configs import DEFAULT_K, DEMO_MODELS, demo_jobs
 from core.jobs import CANCELLED, DONE, FAILED
 from core.leaderboard import entries_for_dataset, headline
 from core.workspace import Workspace
-from bench.machine import cpu_name
+from bench.machine import cpu_name, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -217,10 +217,7 @@ def main(argv=None) -> dict:
         engine.dispose()
         if temporary:
             shutil.rmtree(workspace.root, ignore_errors=True)
-    out = Path(args.json_out or RESULTS / f"{args.dataset}_cpu.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
-    print(f"wrote {out}")
+    write_result(result, args.json_out or RESULTS / f"{args.dataset}_cpu.json", markdown(result))
     return result
 
 

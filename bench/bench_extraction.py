@@ -37,7 +37,7 @@ from core.models import (CPU_BACKENDS, PACKAGED, OnnxCfg, TimmBatchTransform, cp
                          rgb_array)
 from core.progress import Reporter
 from core.workspace import Workspace
-from bench.machine import cpu_name
+from bench.machine import cpu_name, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -207,10 +207,8 @@ def main(argv=None) -> dict:
         for name in [m for m in args.models.split(",") if m]:
             result["models"][name] = measure_model(name, imageset, images, args, device, cache)
     text = json.dumps(result, indent=2)
-    out = Path(args.json_out or RESULTS / f"extraction_{'cuda' if device.startswith('cuda') else 'cpu'}.json")
-    out.write_text(text + "\n")
-    print(markdown(result))
-    print(f"wrote {out}")
+    write_result(result, args.json_out or RESULTS / f"extraction_{'cuda' if device.startswith('cuda') else 'cpu'}.json",
+                 markdown(result))
     return result
 
 

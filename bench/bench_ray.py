@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import sys
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from bench.bench_extraction import demo_subset
-from bench.machine import cpu_name
+from bench.machine import cpu_name, write_result
 from core.cache import EmbeddingCache
 from core.configs import DEMO_MODELS
 from core.extract import DEFAULT_SHARD_SIZE, extract_embeddings
@@ -109,10 +108,7 @@ def main(argv=None) -> dict:
                        "ray_images_per_s": round(len(imageset) / ray_s, 1)},
         "evaluation": evaluation,
     }
-    out = Path(args.json_out)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(result, args.json_out)
     return result
 
 

@@ -20,16 +20,15 @@ import platform
 import re
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.machine import write_result
+from core.configs import DEMO_MODELS
 from core.ensemble_search import select_weights
-from core.files import atomic_write_text
 from core.sweep import grid_sweep
 
-DEMO_MODELS = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "open_nsfw_resnet50_thin"]
 DIMS = (2048, 2560, 1536, 1024, 768, 1280, 512, 1024, 2048, 384, 1536, 640)
 
 
@@ -111,7 +110,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default=None)
     p.add_argument("--workspace", default=None, help="also compare on a demo's train split in this workspace")
     p.add_argument("--dataset", default="demo", help="the demo to open there: demo or demo-small")
-    p.add_argument("--demo-models", nargs="+", default=DEMO_MODELS, help="models for --workspace")
+    p.add_argument("--demo-models", nargs="+", default=list(DEMO_MODELS), help="models for --workspace")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
 
@@ -136,10 +135,10 @@ def main(argv=None) -> dict:
     # Short lists (weights, dims) on one line each, so a path reads as one row per step.
     text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]",
                   json.dumps(result, indent=2))
-    print(text)
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.json_out, text + "\n")
+        write_result(result, args.json_out, text=text)
+    else:
+        print(text)
     return result
 
 

@@ -18,9 +18,8 @@ import time
 import numpy as np
 
 
-from core.files import atomic_write_text
 from core.stats import paired_difference
-from bench.machine import cpu_name
+from bench.machine import cpu_name, write_result
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -82,9 +81,10 @@ def main(argv=None) -> dict:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "runs": runs,
     }
-    print(json.dumps(result, indent=2))
     if args.json_out:
-        atomic_write_text(args.json_out, json.dumps(result, indent=2) + "\n")
+        write_result(result, args.json_out)
+    else:
+        print(json.dumps(result, indent=2))
     return result
 
 

@@ -19,9 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the device machine runs from a plain copy of the tree, not an installed package
 
 
+# The test files with `device`-parametrised tests (tests/conftest.py); `-m gpu` picks their CUDA cases.
+GPU_TESTS = ("tests/test_metrics.py", "tests/test_sweep.py", "tests/test_extract.py", "tests/test_heads.py")
+
+
 def run_tests(out: Path) -> dict:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *GPU_TESTS],
                           cwd=ROOT, capture_output=True, text=True)
     (out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
     summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]

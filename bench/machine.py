@@ -1,7 +1,11 @@
-"""What every benchmark records about the machine it ran on."""
+"""What every benchmark records about the machine it ran on, and how it writes its JSON."""
 from __future__ import annotations
 
+import json
 import platform
+from pathlib import Path
+
+from core.files import atomic_write_text
 
 
 def cpu_name() -> str:
@@ -14,3 +18,15 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def write_result(result: dict, path: str | Path, summary: str | None = None, text: str | None = None) -> Path:
+    """Write the benchmark's JSON (`text`, default `result` indented) atomically to `path`, then print
+    `summary` (default: the JSON) and where it went."""
+    text = text if text is not None else json.dumps(result, indent=2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text + "\n")
+    print(summary if summary is not None else text)
+    print(f"wrote {path}")
+    return path
