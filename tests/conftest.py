@@ -1,12 +1,39 @@
-"""Shared pytest fixtures: temporary workspaces and small real image sets on disk."""
+"""Shared pytest fixtures: temporary workspaces, small real image sets on disk, the devices to run on."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from core.workspace import Workspace
 from tests.images import write_image
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def device(request) -> str:
+    """Each device a test's computation runs on: the CPU, and CUDA where there is a GPU (`-m gpu` selects
+    those; bench/gpu_check.py runs them on a lent GPU machine)."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core box: one thread avoids OpenMP spin-waiting (several times faster).
+    A module uses it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    try:
+        import faiss
+    except ImportError:  # the lent GPU machines have no faiss: search runs on torch there
+        faiss = None
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    if faiss is not None:
+        faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    if faiss is not None:
+        faiss.omp_set_num_threads(before)
 
 
 @pytest.fixture

@@ -58,15 +58,20 @@ def test_two_models_then_cache_hit_loads_nothing(small_demo, workspace, counted_
     assert second == first
 
 
-def test_rows_follow_dataset_order_and_match_single_image_embedding(small_demo, workspace):
+def test_rows_follow_dataset_order_and_match_single_image_embedding(small_demo, workspace, device):
+    """Batched extraction on `device` against each image embedded alone on the CPU in fp32: equal on the CPU,
+    within bf16 autocast's rounding on CUDA."""
     cache = EmbeddingCache(workspace.embeddings)
-    result = extract_embeddings(small_demo, ["random:test_efficientnet"], cache, batch_size=7)
+    result = extract_embeddings(small_demo, ["random:test_efficientnet"], cache, batch_size=7, device=device)
     array = result["random:test_efficientnet"].load()
     model = load_model("random:test_efficientnet")
     with torch.inference_mode():
         for row in [0, 13, 59]:
             one = model.embed(model.preprocess(small_demo.load_image(row))[None])[0].numpy()
-            np.testing.assert_allclose(array[row], one, rtol=1e-4, atol=1e-5)
+            if device == "cpu":
+                np.testing.assert_allclose(array[row], one, rtol=1e-4, atol=1e-5)
+            else:
+                assert np.dot(array[row], one) / np.linalg.norm(array[row]) / np.linalg.norm(one) > 0.98
 
 
 def test_workers_give_the_same_embeddings(small_demo, tmp_path):

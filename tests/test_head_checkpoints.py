@@ -29,15 +29,7 @@ from core.progress import JobCancelled, Reporter
 from tests.reference import cosines, metrics_from_similarities
 
 K = 5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core box: one thread avoids OpenMP spin-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def two_models(per_class: int, classes: int = 3, seed: int = 0):

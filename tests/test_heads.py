@@ -21,19 +21,7 @@ from core.metrics import evaluate
 from core.progress import JobCancelled, Reporter
 
 K = 10
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core box: one thread avoids OpenMP spin-waiting (several times faster)."""
-    import faiss
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def two_noisy_models(per_class: int, seed: int, classes: int = 6):
@@ -64,9 +52,9 @@ def small(**overrides) -> HeadConfig:
     return HeadConfig(**values)
 
 
-def test_training_lowers_loss_and_beats_the_concat_on_eval(data):
+def test_training_lowers_loss_and_beats_the_concat_on_eval(data, device):
     train, y_train, evals, y_eval = data
-    head = train_fusion_head(train, y_train, small(), eval_embeddings=evals, eval_labels=y_eval)
+    head = train_fusion_head(train, y_train, small(), eval_embeddings=evals, eval_labels=y_eval, device=device)
     losses = [row["loss"] for row in head.history]
     assert losses[-1] < 0.7 * losses[0]
     concat = evaluate(weighted_concat(evals, [1, 1]), y_eval, K)["map@k"]

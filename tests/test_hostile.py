@@ -17,11 +17,9 @@ import os
 import pickle
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +37,7 @@ from core.progress import JobCancelled, Reporter
 from core.tasks import job_kind, run_job
 from core.worker import EXIT_DB_REPLACED, EXIT_DB_UNWRITABLE, Worker, WorkerSettings
 from core.workspace import Workspace
-from tests.images import write_image
+from tests.images import header_only_png, wait_for, write_image
 from tests.reference import reference_metrics
 
 TESTS = Path(__file__).resolve().parent
@@ -87,16 +85,6 @@ def start_worker(workspace: Path, *flags: str, log: Path, prefix=(), env=None, d
     return subprocess.Popen([*prefix, sys.executable, "-c", code, "--workspace", str(workspace), *url, *FAST, *flags],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
                             env={**os.environ, **(env or {})})
-
-
-def wait_for(predicate, timeout: float = 60.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
 
 
 def lines(path: Path) -> list[str]:
@@ -391,11 +379,7 @@ def test_a_sixteen_bit_png_embeds_like_its_eight_bit_twin(tmp_path, images):
 
 def _decompression_bomb(path: Path, side: int = 100_000) -> Path:
     """A PNG header claiming side x side pixels (10 gigapixels) with a few bytes of data: PIL refuses to open it."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(header_only_png(side, side, data=b"\0" * 64, colour_type=0))
     return path
 
 

@@ -4,8 +4,7 @@ import pytest
 
 from core.metrics import (MetricsError, evaluate, metrics_from_ranking, per_class_ap, per_query_scores)
 from core.search import FaissSearch, TorchSearch, top_k
-from tests.reference import quantised_embeddings
-from tests.reference import reference_metrics
+from tests.reference import brute_top_k, quantised_embeddings, reference_metrics
 
 
 @pytest.mark.parametrize("k", [1, 5, 50])
@@ -43,6 +42,17 @@ def test_top_k_orders_ties_by_index(backend):
         assert ids[q].tolist() == want
         assert q not in ids[q]
         np.testing.assert_allclose(scores[q], sims[q, want], atol=1e-6)
+
+
+def test_torch_search_on_every_device_equals_the_float64_reference_with_ties(device):
+    """Blocks of queries (1,500 > one block) over quantised vectors: real ties, ordered by index on every device."""
+    rng = np.random.default_rng(0)
+    x = quantised_embeddings(rng, 1500, d=16)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # top_k ranks by inner product: cosine for unit rows
+    scores, ids = top_k(x, x, 30, exclude_self=True, backend=TorchSearch(device))
+    want_scores, want_ids = brute_top_k(x, x, 30, exclude_self=True)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-6)
 
 
 def test_duplicate_of_query_is_retrieved_not_dropped():

@@ -11,16 +11,14 @@ import csv
 import json
 import re
 import shutil
-import struct
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tests.images import write_image
+from tests.images import header_only_png, write_image
 from core import configs, db, jobs, tasks
 from core.progress import SILENT
 from core.workspace import Workspace
@@ -531,20 +529,11 @@ def test_query_explorer_searches_with_an_uploaded_image(monkeypatch, seeded, tmp
     assert len(sims) == 2 * 10
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares width x height RGB pixels but holds no pixel data: only a reader that decodes
-    before checking the size would notice (and allocate width*height*3 bytes)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IEND", b""))
-
-
 def test_query_explorer_refuses_an_upload_of_too_many_pixels(monkeypatch, seeded):
     at = app(monkeypatch, seeded["workspace"].root, "pages/query_explorer.py", dataset=seeded["source"])
     if not hasattr(at, "file_uploader"):
         pytest.skip("AppTest cannot upload here")
-    at.file_uploader(key="explorer:upload").upload("big.png", png_header_only(8000, 6000), "image/png")
+    at.file_uploader(key="explorer:upload").upload("big.png", header_only_png(8000, 6000), "image/png")
     at.run()
     no_exception(at)
     assert any("8,000 x 6,000 pixels" in e and "megapixels" in e for e in errors(at)), \

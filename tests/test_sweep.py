@@ -38,6 +38,16 @@ def test_grid_sweep_equals_the_float64_reference_for_every_vector(k):
             assert row[key] == pytest.approx(want[key], abs=1e-6), (row["weights"], key)
 
 
+def test_the_scorer_on_every_device_equals_the_float64_reference(device):
+    rng = np.random.default_rng(1)
+    embeddings, labels = correlated_models(rng, n=600, classes=20, dims=(64, 96, 48))
+    weights = np.array([[1, 0, 0], [1, 1, 1], [3, 1, 2], [0, 2, 5]])
+    for vector, row in zip(weights, WeightedConcatScorer(embeddings, labels, 20, device=device).score(weights)):
+        want = reference_sweep_metrics(embeddings, labels, vector, 20)
+        for key in KEYS:
+            assert row[key] == pytest.approx(want[key], abs=1e-6), (vector, key)
+
+
 @pytest.mark.parametrize("k", [3, 60])
 def test_sweep_is_exact_with_ties_singleton_classes_and_k_beyond_the_gallery(k):
     """Quantised vectors make every weighted cosine an exact multiple of 1/4 (real ties, duplicated

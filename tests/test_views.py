@@ -6,8 +6,6 @@ import itertools
 import math
 import os
 import random
-import struct
-import zlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,6 +18,7 @@ from core.leaderboard import Entry
 from core.methods import Method
 from core.metrics import QueryScores
 from core.models import ModelError
+from tests.images import header_only_png
 
 PUNCTUATION = "\\`*_{}[]()<>#+-.!|~$:&"
 
@@ -165,13 +164,6 @@ def encoded(image: Image.Image, fmt: str) -> bytes:
     out = io.BytesIO()
     image.save(out, format=fmt)
     return out.getvalue()
-
-
-def header_only_png(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IEND", b""))
 
 
 def test_open_upload_reads_png_and_jpeg_as_rgb():

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from core import db, jobs
 from core.configs import Settings
 from core.tasks import job_kind
+from tests.images import wait_for
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -90,16 +91,6 @@ def start_worker(db_url: str, workspace: Path, *flags: str, log: Path) -> subpro
         [sys.executable, "-c", code, "--db-url", db_url, "--workspace", str(workspace), *FAST, *flags],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
     )
-
-
-def wait_for(predicate, timeout: float = 30.0, every: float = 0.02):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
 
 
 def lines(path: Path) -> list[str]:
