@@ -70,6 +70,10 @@ QUERY_BLOCK_ELEMENTS = 2_000_000
 MIN_BLOCKS = 8
 # Bound on the similarity blocks held while building candidates.
 CHUNK_BYTES = 512 * 2**20
+# Query blocks' full similarity rows a scorer keeps once it is asked to score again: greedy selection
+# scores the same queries tens of times, and recomputing the rows of their uncertified pairs each time
+# was half of its work. A one-call grid sweep keeps nothing.
+KEEP_BYTES = {"cpu": 2 * 2**30, "cuda": 8 * 2**30}
 # A query's similarity to itself in a block's rows: below any cosine, so it never ranks, and finite,
 # so a zero weight times it is 0 (not NaN).
 SELF_SCORE = -4.0
@@ -222,6 +226,8 @@ class WeightedConcatScorer:
         width = float(self.valid.sum()) / n
         self.costs = PathCosts(gallery=n, models=len(self.models),
                                widths=[min(n - 1.0, width * d / first) for d in self.list_depths])
+        self.kept: dict[int, torch.Tensor] = {}  # query block start -> M x b x N similarity rows (KEEP_BYTES)
+        self.scored_before = False
         self.n_uncertified = 0  # (query, weights) pairs whose level-0 candidates could not be certified
         self.blocks = {"candidates": 0, "dense": 0}  # query blocks scored by each path
         self.level_blocks = [0] * len(self.list_depths)  # candidate blocks at each level
@@ -293,10 +299,16 @@ class WeightedConcatScorer:
             self.blocks[path] += 1
             self._observe(block)
             reporter.progress(stop / self.n, f"scored {stop}/{self.n} queries for {len(w)} weight vectors")
+        self.scored_before = True
         n_valid = int((self.n_relevant > 0).sum())
         means = (totals / n_valid if n_valid else torch.full_like(totals, torch.nan)).cpu().tolist()
         return [{**dict(zip(METRIC_KEYS, row)), "k": self.k, "n_queries": n_valid, "n_excluded": self.n - n_valid}
                 for row in means]
+
+    def may_keep(self, rows: int) -> bool:
+        """Whether a block of `rows` queries may keep its similarity rows for the next score() calls."""
+        held = sum(t.numel() * t.element_size() for t in self.kept.values())
+        return self.scored_before and held + 4 * len(self.models) * rows * self.n <= KEEP_BYTES[self.device.type]
 
     def _observe(self, block: "_QueryBlock") -> None:
         """Which pairs of the block each level's bound would have certified, from their exact
@@ -356,9 +368,13 @@ class _QueryBlock:
         return sims
 
     def similarities(self) -> torch.Tensor:
-        """M x b x N for the whole block, computed once."""
+        """M x b x N for the whole block, computed once (and kept by the scorer when it may)."""
+        if self._sims is None:
+            self._sims = self.s.kept.get(self.start)
         if self._sims is None:
             self._sims = self._similarities(self.queries)
+            if self.s.may_keep(self.stop - self.start):
+                self.s.kept[self.start] = self._sims
         return self._sims
 
     def candidates(self, level: int) -> None:
@@ -378,7 +394,10 @@ class _QueryBlock:
         uncertified = self._rank(lists)
         hit = torch.nonzero(uncertified.any(dim=0)).squeeze(1)
         if len(hit):
-            # Level 0 needs only the rows of queries it could not certify; deeper levels have them all.
+            # Level 0 needs only the rows of queries it could not certify; deeper levels have them all, and so
+            # does a scorer that scores again (whose block rows are then computed once and kept).
+            if self.start in sc.kept or sc.may_keep(self.stop - self.start):
+                self.similarities()
             sims, rows = (self._sims, hit) if self._sims is not None else (self._similarities(self.queries[hit]), None)
             self._fallback(sims, hit, rows, uncertified[:, hit])
 

@@ -79,6 +79,20 @@ def test_uncertified_queries_fall_back_to_exact_and_stay_exact():
             assert row[key] == pytest.approx(want[key], abs=1e-6)
 
 
+def test_a_scorer_asked_again_keeps_its_similarity_rows_and_stays_exact():
+    """Greedy selection scores the same queries again and again: from the second call on, the rows of
+    uncertified queries are kept, not recomputed, and every call is still exact."""
+    rng = np.random.default_rng(12)
+    embeddings, labels = correlated_models(rng, n=80, dims=(6, 6))
+    scorer = WeightedConcatScorer(embeddings, labels, k=5, extra=0)
+    for weights in (np.array([[1, 0], [1, 1]]), np.array([[1, 3], [2, 1]]), np.array([[3, 1], [1, 1]])):
+        for w, row in zip(weights, scorer.score(weights)):
+            want = reference_sweep_metrics(embeddings, labels, w, 5)
+            for key in KEYS:
+                assert row[key] == pytest.approx(want[key], abs=1e-6), (w, key)
+    assert scorer.kept and all(t.shape[0] == 2 and t.shape[2] == 80 for t in scorer.kept.values())
+
+
 def test_ratio_equivalent_vectors_share_scores():
     rng = np.random.default_rng(2)
     embeddings, labels = correlated_models(rng, n=60)
