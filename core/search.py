@@ -85,10 +85,17 @@ def _drop_excluded(scores, ids, exclude, k):
 
 
 def default_backend(device: str | None = None) -> SearchBackend:
-    """faiss on the CPU, torch on CUDA: the two exact searches DESIGN.md names."""
+    """faiss on the CPU, torch on CUDA: the two exact searches DESIGN.md names (torch on the CPU too where
+    faiss is not installed, as on the lent GPU machines)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return FaissSearch() if device == "cpu" else TorchSearch(device)
+    if device != "cpu":
+        return TorchSearch(device)
+    try:
+        import faiss  # noqa: F401 - only whether it is there
+    except ImportError:
+        return TorchSearch("cpu")
+    return FaissSearch()
 
 
 def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, exclude_self: bool = False,
