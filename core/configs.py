@@ -17,11 +17,11 @@ from sqlalchemy import Engine
 from core import jobs
 from core.datasets import PROTOCOLS
 from core.heads import HeadConfig
+from core.models import DEMO_MODELS
 
 DEFAULT_K = 50
 DEFAULT_GRID = (0, 1, 2, 3, 4, 5)  # the reference study's grid; 0 leaves a model out, so one sweep covers every subset
 DEMO_SOURCE = "demo"
-DEMO_MODELS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "open_nsfw_resnet50_thin")
 
 # Weights are squared and summed in float32 by the sweep (DESIGN.md identity): within [MIN_WEIGHT,
 # MAX_WEIGHT] the largest squared ratio is 1e8, far inside float32's exact range for the ranking.

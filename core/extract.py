@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from core.cache import CorruptEmbeddings, EmbeddingCache, EmbeddingSet
 from core.datasets import DatasetError, ImageSet
+from core.decode import decode_images, resolve_decoder
 from core.devices import resolve_device
-from core.models import EmbeddingModel, cache_key_for, load_model, rgb_array
+from core.models import EmbeddingModel, TimmBatchTransform, cache_key_for, load_model, rgb_array
 from core.progress import SILENT, Reporter
 
 # Models that run through ONNX Runtime on the CPU keep their exported graphs beside the embeddings they make.
@@ -75,6 +76,42 @@ class _DecodeOnce(Dataset):
         return rows, batches, None
 
 
+class _ReadFiles(Dataset):
+    """One batch of rows -> (rows, the files' bytes, failure message or None): the loader of the tensor
+    decoder, which decodes on the models' device (core.decode), so the loader only reads."""
+
+    def __init__(self, imageset: ImageSet):
+        self.imageset = imageset
+
+    def __getitem__(self, rows: list[int]):
+        datas = []
+        for row in rows:
+            try:
+                with open(self.imageset.paths[row], "rb") as handle:
+                    datas.append(handle.read())
+            except OSError as error:
+                return rows, (), (f"Image {self.imageset.paths[row]} (row {row}) could not be read: "
+                                  f"{error.strerror or error}. Restore the file and open the dataset again.")
+        return rows, datas, None
+
+
+def _decoded_on_device(imageset: ImageSet, models: list[EmbeddingModel], need: tuple[bool, ...], rows: list[int],
+                       datas: list[bytes], device: str) -> tuple[torch.Tensor | None, ...]:
+    """The tensor decoder's batches: the files decoded once on `device`, then each model's preprocessing there
+    (a model without a tensor version of it gets the pixels back on the host)."""
+    images = decode_images(datas, [imageset.paths[row] for row in rows], rows, device)
+    batches = []
+    for model, needed in zip(models, need):
+        transform = model.batch_transform
+        if not needed:
+            batches.append(None)
+        elif isinstance(transform, TimmBatchTransform):
+            batches.append(transform.on_device(images))
+        else:
+            batches.append(transform([image.permute(1, 2, 0).cpu().numpy() for image in images]))
+    return tuple(batches)
+
+
 def _as_loaded(batch):
     """The loader's collate step: `_DecodeOnce` already returns whole batches."""
     return batch
@@ -93,7 +130,7 @@ def embed_batch(model: EmbeddingModel, batch: torch.Tensor, device: str) -> np.n
 def extract_embeddings(imageset: ImageSet, model_names: list[str], cache: EmbeddingCache, *,
                        device: str | None = None, batch_size: int = 64, num_workers: int = 0,
                        reporter: Reporter | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
-                       force: bool = False) -> dict[str, EmbeddingSet]:
+                       force: bool = False, decoder: str = "auto") -> dict[str, EmbeddingSet]:
     """One EmbeddingSet per model name (rows = imageset rows, float32, not normalised), from cache when present.
 
     Work is committed every `shard_size` rows per model and resumed from there. `force` first drops the
@@ -102,7 +139,8 @@ def extract_embeddings(imageset: ImageSet, model_names: list[str], cache: Embedd
 
     On a small CPU keep `num_workers` 0: decoding and batched preprocessing (well under a tenth of the model's
     time) then take the cores in turn with the model instead of competing with its threads;
-    bench/bench_extraction.py measures 0 against 1.
+    bench/bench_extraction.py measures 0 against 1. `decoder` (core.decode.DECODERS): "pil" decodes in the
+    loader, "tensor" reads bytes there and decodes on the device; "auto" picks tensor on CUDA.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1 (got {shard_size})")
@@ -126,7 +164,7 @@ def extract_embeddings(imageset: ImageSet, model_names: list[str], cache: Embedd
         device = resolve_device(device)
         models, load_seconds = _load(to_run, device, Path(cache.root) / EXPORTS_FOLDER, reporter)
         images, seconds = _run(imageset, models, [todo[name] for name in to_run], shard_size, cache, device,
-                               batch_size, num_workers, reporter)
+                               batch_size, num_workers, reporter, resolve_decoder(decoder, device))
         summary = (f"; models loaded in {load_seconds:.1f} s, then {images:,} images at "
                    f"{images / max(seconds, 1e-9):,.1f} img/s")
     for name in missing:
@@ -158,15 +196,17 @@ def _duration(seconds: float) -> str:
 
 def _run(imageset: ImageSet, models: list[EmbeddingModel], todo: list[set[Shard]], shard_size: int,
          cache: EmbeddingCache, device: str, batch_size: int, num_workers: int,
-         reporter: Reporter) -> tuple[int, float]:
+         reporter: Reporter, decoder: str = "pil") -> tuple[int, float]:
     """Embed the shards in `todo` (per model) and commit each as it completes. Returns (images decoded, seconds)."""
     n = len(imageset)
     needed = sorted(set().union(*todo))
     needs = {start // shard_size: tuple((start, stop) in shards for shards in todo) for start, stop in needed}
     batches = [list(range(first, min(first + batch_size, stop)))
                for start, stop in needed for first in range(start, stop, batch_size)]
+    reads = (_ReadFiles(imageset) if decoder == "tensor"
+             else _DecodeOnce(imageset, [model.batch_transform for model in models], needs, shard_size))
     loader = DataLoader(
-        _DecodeOnce(imageset, [model.batch_transform for model in models], needs, shard_size),
+        reads,
         sampler=batches, batch_size=None, num_workers=num_workers, collate_fn=_as_loaded,
         pin_memory=device.startswith("cuda"), persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
@@ -182,6 +222,8 @@ def _run(imageset: ImageSet, models: list[EmbeddingModel], todo: list[set[Shard]
         for rows, inputs, failure in loader:
             if failure:
                 raise DatasetError(failure)
+            if decoder == "tensor":
+                inputs = _decoded_on_device(imageset, models, needs[rows[0] // shard_size], rows, inputs, device)
             shard_start = rows[0] - rows[0] % shard_size
             shard_ends = rows[-1] + 1 == min(shard_start + shard_size, n)
             for position, (model, batch) in enumerate(zip(models, inputs)):

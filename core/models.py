@@ -89,6 +89,9 @@ PACKAGED: dict[str, PackagedTimmCfg | OnnxCfg] = {
 }
 
 
+# The offline demo's models: the four whose weights ship as pip packages (PACKAGED).
+DEMO_MODELS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "open_nsfw_resnet50_thin")
+
 def rgb_array(image: Image.Image) -> np.ndarray:
     """A decoded image as the models take it in: H x W x 3 uint8."""
     return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
@@ -206,6 +209,24 @@ class TimmBatchTransform:
         pixels = self._resize_crop(batch, height, width).float()
         # ToTensor's division by 255, then Normalize's subtraction and division: the same float32 operations.
         return torch.sub(pixels.div_(255).expand(-1, 3, -1, -1), self.mean).div_(self.std)
+
+    def on_device(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """The same transform on decoded 3 x H x W uint8 tensors where they are (core.decode: the GPU), with
+        torch's antialiased resampling instead of PIL's (pixels within rounding of each other, embeddings
+        within cosine 0.999; tests/test_decode.py). Rounded to 8 bits after the resize, as PIL is."""
+        device = images[0].device
+        out = torch.empty((len(images), 3, self.height, self.width), dtype=torch.float32, device=device)
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for position, image in enumerate(images):
+            by_size.setdefault(tuple(image.shape), []).append(position)
+        for (_, in_height, in_width), positions in by_size.items():
+            height, width = self._resized_size(in_height, in_width)
+            batch = torch.stack([images[p] for p in positions]).float()
+            resized = torch.nn.functional.interpolate(batch, size=(height, width), mode=self.mode, antialias=True,
+                                                      align_corners=False).round_().clamp_(0, 255)
+            top, left = int(round((height - self.height) / 2.0)), int(round((width - self.width) / 2.0))
+            out[positions] = resized[:, :, top:top + self.height, left:left + self.width]
+        return out.div_(255).sub_(self.mean.to(device)).div_(self.std.to(device))
 
     def __call__(self, images: list[np.ndarray]) -> torch.Tensor:
         by_size: dict[tuple[int, ...], list[int]] = {}

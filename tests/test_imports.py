@@ -12,7 +12,7 @@ LAYERS = {
     "leaf: numerics and plumbing": ["vectors", "files", "devices", "errors", "progress", "workspace", "search",
                                     "metrics", "stats", "projection", "thumbnails"],
     "retrieval methods": ["fusion", "sweep", "heads", "selection", "ensemble_search", "complementarity", "methods"],
-    "data": ["datasets", "models", "cache", "extract", "scores"],
+    "data": ["datasets", "models", "cache", "decode", "extract", "scores"],
     "runs": ["db", "jobs", "configs", "tasks", "ray_executor", "worker"],
     "views for pages and the CLI": ["leaderboard", "explorer", "export", "catalog", "views", "__main__"],
 }
