@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
 import os
 import tempfile
@@ -29,12 +28,11 @@ import numpy as np
 import torch
 
 from core.cache import EmbeddingCache
-from core.configs import DEMO_MODELS
-from core.datasets import ImageSet, open_demo
+from core.datasets import ImageSet, open_demo, open_image_folder
 from core.devices import resolve_device
 from core.extract import EXPORTS_FOLDER, embed_batch, extract_embeddings
-from core.models import (CPU_BACKENDS, PACKAGED, OnnxCfg, TimmBatchTransform, cpu_backend_for, load_model,
-                         rgb_array)
+from core.models import (CPU_BACKENDS, DEMO_MODELS, PACKAGED, OnnxCfg, TimmBatchTransform, cpu_backend_for,
+                         load_model, rgb_array)
 from core.progress import Reporter
 from core.workspace import Workspace
 from bench.machine import cpu_name, write_result
@@ -47,12 +45,17 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def first_rows(imageset: ImageSet, n_images: int) -> ImageSet:
+    """The first `n_images` rows of `imageset`, as their own set."""
+    rows = np.arange(min(n_images, len(imageset)))
+    return ImageSet(imageset.name, tuple(imageset.paths[r] for r in rows), imageset.labels[rows],
+                    imageset.class_names, imageset.splits[rows], f"{imageset.fingerprint}-first{len(rows)}")
+
+
 def demo_subset(workspace: Workspace, n_images: int) -> ImageSet:
     """The first `n_images` rows of the demo's eval split (all classes), as their own set."""
-    demo = open_demo(workspace, eval_per_class=max(1, math.ceil(n_images / 10)), train_per_class=0)
-    rows = np.arange(min(n_images, len(demo)))
-    return ImageSet(demo.name, tuple(demo.paths[r] for r in rows), demo.labels[rows], demo.class_names,
-                    demo.splits[rows], f"{demo.fingerprint}-first{len(rows)}")
+    return first_rows(open_demo(workspace, eval_per_class=max(1, math.ceil(n_images / 10)), train_per_class=0),
+                      n_images)
 
 
 def model_only(model, batch: torch.Tensor, device: str, n_batches: int) -> float:
@@ -98,14 +101,14 @@ def preprocessing(model, images: list[np.ndarray]) -> dict:
 
 
 def pipeline(imageset: ImageSet, name: str, cache: EmbeddingCache, device: str, batch_size: int,
-             num_workers: int) -> dict:
+             num_workers: int, decoder: str = "pil") -> dict:
     """extract_embeddings from an empty set (force): images/s after the model is loaded, and with loading."""
     loaded_at: list[float] = []
     reporter = Reporter(on_progress=lambda f, m: loaded_at.append(time.perf_counter()) if m.startswith("loaded ")
                         else None)
     started = time.perf_counter()
     extract_embeddings(imageset, [name], cache, device=device, batch_size=batch_size, num_workers=num_workers,
-                       reporter=reporter, force=True)
+                       reporter=reporter, force=True, decoder=decoder)
     _sync(device)
     ended = time.perf_counter()
     return {"images_per_s": round(len(imageset) / (ended - loaded_at[-1]), 2),
@@ -145,13 +148,15 @@ def measure_model(name: str, imageset: ImageSet, images: list[np.ndarray], args,
     ceiling = row["backends"][chosen]["images_per_s"]
     row["ceiling_images_per_s"] = ceiling
     row["pipeline"] = {}
-    for workers in args.num_workers:
-        result = pipeline(imageset, name, cache, device, args.batch_size, workers)
-        result["ratio_to_ceiling"] = round(result["images_per_s"] / ceiling, 3)
-        row["pipeline"][f"num_workers={workers}"] = result
-        print(f"{name}: pipeline num_workers={workers} {result['images_per_s']} img/s "
-              f"({result['ratio_to_ceiling']:.0%} of {ceiling})", flush=True)
-    first = row["pipeline"][f"num_workers={args.num_workers[0]}"]
+    for decoder in args.decoders:
+        for workers in args.num_workers:
+            result = pipeline(imageset, name, cache, device, args.batch_size, workers, decoder)
+            result["ratio_to_ceiling"] = round(result["images_per_s"] / ceiling, 3)
+            label = f"num_workers={workers}" if args.decoders == ["pil"] else f"{decoder} decoder, num_workers={workers}"
+            row["pipeline"][label] = result
+            print(f"{name}: pipeline {label} {result['images_per_s']} img/s "
+                  f"({result['ratio_to_ceiling']:.0%} of {ceiling})", flush=True)
+    first = next(iter(row["pipeline"].values()))
     row["pipeline_images_per_s"] = first["images_per_s"]
     row["ratio_pipeline_over_ceiling"] = first["ratio_to_ceiling"]
     return row
@@ -180,25 +185,33 @@ def main(argv=None) -> dict:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling)")
     parser.add_argument("--num-workers", default="0,1", help="DataLoader workers for the pipeline runs; the "
                         "first is the ratio reported (extraction jobs run with 0)")
+    parser.add_argument("--decoders", default="pil", help="pipeline decoders to time (core.decode): pil, tensor "
+                        "(JPEGs decoded on the device) or both, comma-separated")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--folder", default=None, help="an ImageFolder to read (e.g. bench/imagenet_like.py's "
+                        "JPEGs) instead of the demo's images; its first --images files")
     parser.add_argument("--workspace", default=None, help="where the demo images live (default: a temp folder)")
     parser.add_argument("--json-out", default=None, help="default bench/results/extraction_<device>.json")
     args = parser.parse_args(argv)
     args.backends = [b for b in args.backends.split(",") if b]
     args.num_workers = [int(w) for w in args.num_workers.split(",")]
+    args.decoders = [d for d in args.decoders.split(",") if d]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     workspace = Workspace.open(args.workspace or os.path.join(tempfile.gettempdir(), "ensemble-bench-workspace"))
-    imageset = demo_subset(workspace, args.images)
-    images = [rgb_array(imageset.load_image(row)) for row in range(len(imageset))]
-
-    import onnxruntime
+    imageset = (first_rows(open_image_folder(args.folder), args.images) if args.folder
+                else demo_subset(workspace, args.images))
+    images = [rgb_array(imageset.load_image(row)) for row in range(min(len(imageset), args.batch_size))]
+    try:
+        import onnxruntime
+    except ImportError:  # the lent GPU machines have none; on CUDA every model runs in torch
+        onnxruntime = None
     result = {
         "benchmark": "extraction", "device": device,
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name(),
         "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime": onnxruntime.__version__ if onnxruntime else None, "images_from": args.folder or "demo",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "images": len(imageset), "batch_size": args.batch_size, "models": {},
     }
@@ -206,7 +219,6 @@ def main(argv=None) -> dict:
         cache = EmbeddingCache(folder)
         for name in [m for m in args.models.split(",") if m]:
             result["models"][name] = measure_model(name, imageset, images, args, device, cache)
-    text = json.dumps(result, indent=2)
     write_result(result, args.json_out or RESULTS / f"extraction_{'cuda' if device.startswith('cuda') else 'cpu'}.json",
                  markdown(result))
     return result

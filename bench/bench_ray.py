@@ -29,9 +29,9 @@ import torch
 from bench.bench_extraction import demo_subset
 from bench.machine import cpu_name, write_result
 from core.cache import EmbeddingCache
-from core.configs import DEMO_MODELS
 from core.extract import DEFAULT_SHARD_SIZE, extract_embeddings
 from core.metrics import per_query_scores
+from core.models import DEMO_MODELS
 from core.progress import Reporter
 from core.ray_executor import connect, extract_on_ray, ray_module, scores_on_ray
 from core.workspace import Workspace

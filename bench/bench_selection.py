@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from bench.machine import write_result
-from core.configs import DEMO_MODELS
 from core.ensemble_search import select_weights
+from core.models import DEMO_MODELS
 from core.sweep import grid_sweep
 
 DIMS = (2048, 2560, 1536, 1024, 768, 1280, 512, 1024, 2048, 384, 1536, 640)

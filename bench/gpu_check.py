@@ -1,9 +1,13 @@
 """One script for a lent GPU machine: the CUDA tests, then the GPU benchmarks, then a short table.
 
-    python bench/gpu_check.py --out DIR      (DIR gets gpu_check.json and the pytest log)
+    python bench/gpu_check.py --out DIR      (DIR gets gpu_check.json, extraction_gpu.json and the pytest log)
 
-Runs where faiss, SQLAlchemy and Streamlit are absent (the GPU path never imports them); carry the
-pytorch-metric-learning wheel for the head-training test. Tested on CPU with --n 2000 --skip-tests.
+Benchmarks: exact search and the three-sided [1..5]^4 sweep at --n items, and extraction of --extract-images
+ImageNet-like JPEGs (bench/imagenet_like.py, 500 x 375) by a ResNet-50 and a ViT-L (random weights: the
+speed is the architecture's), model-only ceiling against the pipeline with the PIL decoder and with JPEGs
+decoded on the GPU (core.decode). Runs where faiss, SQLAlchemy, Streamlit, plotly and ONNX Runtime are absent
+(checked on CPU with them blocked); carry the pytorch-metric-learning wheel for the head-training test.
+Tested on CPU with --n 2000 --extract-images 64 --extract-models random:test_efficientnet --skip-tests.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +25,8 @@ sys.path.insert(0, str(ROOT))  # the device machine runs from a plain copy of th
 
 
 # The test files with `device`-parametrised tests (tests/conftest.py); `-m gpu` picks their CUDA cases.
-GPU_TESTS = ("tests/test_metrics.py", "tests/test_sweep.py", "tests/test_extract.py", "tests/test_heads.py")
+GPU_TESTS = ("tests/test_metrics.py", "tests/test_sweep.py", "tests/test_extract.py", "tests/test_heads.py",
+             "tests/test_decode.py")
 
 
 def run_tests(out: Path) -> dict:
@@ -53,12 +59,27 @@ def time_search(n: int, device: str) -> dict:
     return {"n": n, "dims": int(x.shape[1]), "k": 51, "exact_search_s": round(seconds, 3)}
 
 
+def time_extraction(n: int, models: str, device: str, out: Path) -> dict:
+    from bench.bench_extraction import main as extraction_main
+    from bench.imagenet_like import write_imagenet_like
+
+    folder = Path(tempfile.mkdtemp()) / "imagenet-like"
+    per_class = max(1, min(50, n // 2))  # at least two classes: retrieval needs them
+    write_imagenet_like(folder, classes=-(-n // per_class), per_class=per_class, workers=os.cpu_count() or 1)
+    workers = str(min(8, max(1, (os.cpu_count() or 2) - 2)))
+    return extraction_main(["--folder", str(folder), "--images", str(n), "--models", models, "--device", device,
+                            "--decoders", "pil,tensor", "--num-workers", workers, "--batch-size", "128",
+                            "--json-out", str(out / "extraction_gpu.json")])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--n", type=int, default=50_000)
     p.add_argument("--naive-sample", type=int, default=3)
     p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--extract-images", type=int, default=4096, help="JPEGs for the extraction check (0: skip it)")
+    p.add_argument("--extract-models", default="random:resnet50,random:vit_large_patch16_224")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,6 +95,8 @@ def main() -> int:
     steps += [("search", lambda: time_search(args.n, device)),
               ("sweep", lambda: sweep_main(["--sizes", str(args.n), "--naive-sample", str(args.naive_sample),
                                             "--device", device]))]
+    if args.extract_images:
+        steps.append(("extraction", lambda: time_extraction(args.extract_images, args.extract_models, device, out)))
     for name, step in steps:
         t0 = time.perf_counter()
         try:
@@ -93,6 +116,10 @@ def main() -> int:
         print(f"| sweep [1..5]^4, {case.get('models')} models, {case.get('n_items')} items | {case.get('adaptive_s')} s "
               f"vs naive {case.get('naive_total_s')} s ({case.get('speedup_adaptive_vs_naive')}x), max diff "
               f"{case.get('max_abs_metric_diff_from_float64')} |")
+    for name, row in report.get("extraction", {}).get("models", {}).items():
+        pipelines = ", ".join(f"{label}: {p['images_per_s']} ({p['ratio_to_ceiling']:.0%})"
+                              for label, p in row.get("pipeline", {}).items())
+        print(f"| extraction {name}, ceiling {row.get('ceiling_images_per_s')} img/s | {pipelines} |")
     failed = [name for name in report if isinstance(report[name], dict) and "error" in report[name]]
     if "tests" in report and report["tests"].get("returncode"):
         failed.append("tests")
