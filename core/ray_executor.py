@@ -29,7 +29,7 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -329,7 +329,7 @@ def scores_on_ray(embeddings: Sequence[np.ndarray], labels: np.ndarray, k: int, 
     blocks = [(int(b[0]), int(b[-1]) + 1) for b in np.array_split(np.arange(len(labels)), actors) if len(b)]
     holders = [ray.remote(num_gpus=gpus, num_cpus=cpus, scheduling_strategy="SPREAD")(_QueryBlocks).remote()
                for _ in blocks]
-    scores, nodes = [], set()
+    scores = []
     try:
         for array in embeddings:
             array = np.asarray(array if rows is None else array[rows], dtype=np.float32)
@@ -337,21 +337,29 @@ def scores_on_ray(embeddings: Sequence[np.ndarray], labels: np.ndarray, k: int, 
             ray.get([holder.hold.remote(shared) for holder in holders])
             pending = {holder.rank.remote(start, stop, depth): index
                        for index, (holder, (start, stop)) in enumerate(zip(holders, blocks))}
-            ranked: dict[int, np.ndarray] = {}
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-                reporter.check_cancel()
-                for ref in ready:
-                    ranked[pending.pop(ref)], node = ray.get(ref)
-                    nodes.add(node)
-                    reporter.progress((len(scores) + len(ranked) / len(blocks)) / len(embeddings),
-                                      f"set {len(scores) + 1}/{len(embeddings)}: ranked {len(ranked)}/{len(blocks)} "
-                                      f"query blocks on Ray ({len(nodes)} nodes)")
+            ranked = _collect(ray, pending, reporter, lambda done, nodes: reporter.progress(
+                (len(scores) + done / len(blocks)) / len(embeddings), f"set {len(scores) + 1}/{len(embeddings)}: "
+                f"ranked {done}/{len(blocks)} query blocks on Ray ({nodes} nodes)"))
             scores.append(query_scores_from_ranking(np.concatenate([ranked[i] for i in range(len(blocks))]), labels, k))
     finally:
         for holder in holders:  # also stops the blocks still running when the job was cancelled
             ray.kill(holder)
     return scores
+
+
+def _collect(ray, pending: dict, reporter: Reporter, report: Callable[[int, int], None]) -> dict[int, Any]:
+    """The values of `pending` (object ref -> index; each task returns (value, node id)) by index, as they
+    finish: cancel is checked between them, and `report(finished, nodes seen)` called after each. Refs still
+    pending when it raises stay in `pending`."""
+    out, nodes = {}, set()
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+        reporter.check_cancel()
+        for ref in ready:
+            out[pending.pop(ref)], node = ray.get(ref)
+            nodes.add(node)
+            report(len(out), len(nodes))
+    return out
 
 
 # --- sweeps --------------------------------------------------------------------------------------
@@ -376,17 +384,10 @@ def sweep_on_ray(embeddings: Sequence[np.ndarray], labels: np.ndarray, weights: 
     score = ray.remote(num_gpus=gpus, num_cpus=cpus, scheduling_strategy="SPREAD", max_retries=2)(_score_share)
     pending = {score.remote(shared, np.asarray(labels), k, [grid.scored[i] for i in share]): index
                for index, share in enumerate(shares)}
-    scored: dict[int, list[dict]] = {}
-    nodes = set()
     try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            reporter.check_cancel()
-            for ref in ready:
-                scored[pending.pop(ref)], node = ray.get(ref)
-                nodes.add(node)
-                reporter.progress(len(scored) / len(shares), f"scored {len(scored)}/{len(shares)} shares of "
-                                  f"{len(grid.scored):,} weight vectors on Ray ({len(nodes)} nodes)")
+        scored = _collect(ray, pending, reporter, lambda done, nodes: reporter.progress(
+            done / len(shares), f"scored {done}/{len(shares)} shares of {len(grid.scored):,} weight vectors on Ray "
+                                f"({nodes} nodes)"))
     finally:
         for ref in pending:  # cancelled: stop the shares still running
             ray.cancel(ref, force=True)
