@@ -203,8 +203,9 @@ class ExtractConfig(JobConfig):
 
 
 @dataclass(frozen=True)
-class EvaluateConfig(JobConfig):
-    kind: ClassVar[str] = "evaluate"
+class ScoredConfig(JobConfig):
+    """A job whose results are scored at a cut-off k (every kind but extraction)."""
+
     k: int = DEFAULT_K
 
     def __post_init__(self) -> None:
@@ -213,11 +214,15 @@ class EvaluateConfig(JobConfig):
 
 
 @dataclass(frozen=True)
-class SweepConfig(JobConfig):
+class EvaluateConfig(ScoredConfig):
+    kind: ClassVar[str] = "evaluate"
+
+
+@dataclass(frozen=True)
+class SweepConfig(ScoredConfig):
     """Weights swept on the eval split: every vector is scored on eval, so the best is an oracle number."""
 
     kind: ClassVar[str] = "sweep"
-    k: int = DEFAULT_K
     weights: tuple[float, ...] = DEFAULT_GRID  # grid values per model
     search: str = "grid"  # "grid" or "random" (continuous weights)
     n_samples: int = 256  # random search only
@@ -225,21 +230,19 @@ class SweepConfig(JobConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         set_ = object.__setattr__
-        set_(self, "k", check_k(self.k))
         _one_of("search", self.search, ("grid", "random"))
         set_(self, "weights", check_grid(self.weights, len(self.models)))
         set_(self, "n_samples", _bounded("n_samples", self.n_samples, 1, MAX_RANDOM_SAMPLES))
 
 
 @dataclass(frozen=True)
-class SelectWeightsConfig(JobConfig):
+class SelectWeightsConfig(ScoredConfig):
     """Concat weights chosen on the train split with the same exact scorer, then scored once on eval: the
     honest counterpart of the sweep's oracle. search="grid" tries every vector of the grid; "greedy"
     (for many models, where the grid is out of reach) adds one unit of weight at a time to the best
     model (Caruana et al. 2004) and then refines by coordinate search."""
 
     kind: ClassVar[str] = "select_weights"
-    k: int = DEFAULT_K
     search: str = "grid"
     weights: tuple[float, ...] = DEFAULT_GRID  # grid only
     max_steps: int = 30  # greedy only
@@ -248,7 +251,6 @@ class SelectWeightsConfig(JobConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         set_ = object.__setattr__
-        set_(self, "k", check_k(self.k))
         _one_of("search", self.search, ("grid", "greedy"))
         if self.search == "grid":
             set_(self, "weights", check_grid(self.weights, len(self.models)))
@@ -257,29 +259,26 @@ class SelectWeightsConfig(JobConfig):
 
 
 @dataclass(frozen=True)
-class ComplementarityConfig(JobConfig):
+class ComplementarityConfig(ScoredConfig):
     """How differently the models retrieve, per pair, on the eval split: neighbour overlap, linear CKA,
     correlation of per-query AP and the per-query oracle (core.complementarity)."""
 
     kind: ClassVar[str] = "complementarity"
-    k: int = DEFAULT_K
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if len(self.models) < 2:
             raise ConfigError("complementarity compares models: choose at least two")
-        object.__setattr__(self, "k", check_k(self.k))
 
 
 @dataclass(frozen=True)
-class FuseConfig(JobConfig):
+class FuseConfig(ScoredConfig):
     """A fusion method with fixed parameters (nothing tuned, so nothing oracle): rank fusion of the
     models' result lists (rrf, max, combsum) or re-ranking of their single model / concatenation
     (`weights`, default equal) by alpha query expansion (qe) or database augmentation (dba)."""
 
     kind: ClassVar[str] = "fuse"
     method: str = "rrf"
-    k: int = DEFAULT_K
     weights: tuple[float, ...] | None = None  # combsum, qe, dba: one per model (default: all 1)
     rrf_k: float = 60.0  # rrf: the constant in 1 / (rrf_k + rank)
     n: int = 2  # qe, dba: neighbours averaged in
@@ -291,7 +290,6 @@ class FuseConfig(JobConfig):
         _one_of("fusion method", self.method, FUSE_METHODS)
         if self.method in ("rrf", "max", "combsum") and len(self.models) < 2:
             raise ConfigError(f"{self.method} merges several models' results: choose at least two models")
-        set_(self, "k", check_k(self.k))
         if self.weights is not None:
             weights = parse_numbers(self.weights) if isinstance(self.weights, str) else tuple(check_weight(w) for w in self.weights)
             if len(weights) != len(self.models) or not any(weights):
@@ -309,18 +307,16 @@ FUSE_METHODS = ("rrf", "max", "combsum", "qe", "dba")
 
 
 @dataclass(frozen=True)
-class TrainHeadConfig(JobConfig):
+class TrainHeadConfig(ScoredConfig):
     """A fusion head fitted on the train split, early-stopped on a validation part of it, scored on eval
     at `k` (the one k: the head's early stopping uses it too)."""
 
     kind: ClassVar[str] = "train_head"
-    k: int = DEFAULT_K
     head: HeadConfig = field(default_factory=HeadConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         set_ = object.__setattr__
-        set_(self, "k", check_k(self.k))
         head = self.head
         if isinstance(head, Mapping):
             if "k" in head:
