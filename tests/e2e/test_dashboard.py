@@ -378,10 +378,18 @@ def choose_option(page, key: str, option: str) -> None:
     raise AssertionError(f"could not choose {option!r} in {key}")
 
 
-def queued_job(page, what: str) -> int:
-    note = page.get_by_text(re.compile(rf"{what} queued as job \d+")).first
-    note.wait_for()
-    return int(re.search(r"queued as job (\d+)", note.inner_text()).group(1))
+def submitted_job(engine, kind: str, before: int, **params) -> int:
+    """The id of the job of `kind` with `params` queued after job `before`: read from the queue, since the
+    page's confirmation can be gone at once (the job panel reruns the page when a fast job ends)."""
+    from core import jobs
+
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        for job in jobs.list_jobs(engine, kind=kind, limit=20):
+            if job.id > before and all(job.params.get(key) == value for key, value in params.items()):
+                return job.id
+        time.sleep(0.2)  # another process writes the queue: there is no event to wait on
+    raise AssertionError(f"no {kind} job with {params} was queued")
 
 
 def test_every_fusion_method_runs_from_the_fusion_page_and_shows_on_the_leaderboard_and_explorer(page, app):
@@ -391,24 +399,25 @@ def test_every_fusion_method_runs_from_the_fusion_page_and_shows_on_the_leaderbo
     from core import db, jobs
     from core.workspace import Workspace
 
+    engine = db.make_engine(Workspace.open(app.workspace).db_url)
+    before = max((job.id for job in jobs.list_jobs(engine, limit=1)), default=0)
     open_page(page, app, "Fusion heads")
     submitted = {}
     for method in ("max", "combsum", "qe", "dba"):
         choose_option(page, "fusion:fuse_method", FUSE_TEXT[method])
         widget(page, "fusion:fuse_k").locator("input").fill("10")
         page.get_by_role("button", name=re.compile("Run fusion")).click()
-        submitted[method] = queued_job(page, f"Fusion by {method}")
+        submitted[method] = submitted_job(engine, "fuse", before, method=method, k=10)
         settle(page)
     widget(page, "fusion:select_k").locator("input").fill("10")
     page.get_by_role("button", name=re.compile("Choose weights on train")).click()
-    submitted["greedy"] = queued_job(page, re.escape("Weight selection on train (greedy)"))
+    submitted["greedy"] = submitted_job(engine, "select_weights", before, search="greedy", k=10)
     settle(page)
     widget(page, "fusion:select_k").locator("input").fill("10")
     page.get_by_role("button", name=re.compile("Learn concat ratios")).click()
-    submitted["learned_ratio"] = queued_job(page, "Learning concat ratios")
+    submitted["learned_ratio"] = submitted_job(engine, "train_head", before, k=10)
     clean(page)
 
-    engine = db.make_engine(Workspace.open(app.workspace).db_url)
     try:
         deadline = time.monotonic() + 600
         while {jobs.get_job(engine, i).status for i in submitted.values()} - {"done"}:
