@@ -269,11 +269,21 @@ def widget(page, key: str):
 def grid_csv(page, key) -> str:
     """The contents of an st.dataframe (a canvas grid, so no DOM text) through its own "Download as CSV".
     `key`: the dataframe's key (Streamlit marks only selectable dataframes with it) or a Locator of it."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     frame = widget(page, key).locator("[data-testid=stDataFrame]") if isinstance(key, str) else key
-    frame.hover()
-    with page.expect_download() as download:
-        frame.locator("[data-testid=stElementToolbar] button[aria-label='Download as CSV']").click()
-    return Path(download.value.path()).read_text(encoding="utf-8-sig")
+    button = frame.locator("[data-testid=stElementToolbar] button[aria-label='Download as CSV']")
+    for attempt in range(4):
+        # The toolbar shows on hover and slides in; another grid's scroller can sit over it meanwhile.
+        frame.hover()
+        try:
+            with page.expect_download(timeout=30_000) as download:
+                button.click(timeout=15_000)
+            return Path(download.value.path()).read_text(encoding="utf-8-sig")
+        except PlaywrightTimeout:
+            if attempt == 3:
+                raise
+            page.mouse.move(0, 0)
 
 
 def grid_click_row(page, key: str, row: int, row_height: float = 35.0) -> None:
