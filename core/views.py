@@ -14,7 +14,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -398,26 +398,24 @@ def heatmap(table: Sequence[Mapping], row_key: str, column_key: str, metric: str
     """The best `metric` per pair of values of `row_key` and `column_key` (other weights maximised over)."""
     rows = sorted({float(r[row_key]) for r in table})
     columns = sorted({float(r[column_key]) for r in table})
-    best: dict[tuple[float, float], float] = {}
-    for r in table:
-        key, value = (float(r[row_key]), float(r[column_key])), float(r[metric])
-        if value == value and not best.get(key, -math.inf) >= value:
-            best[key] = value
+    best = _best_by(table, lambda r: (float(r[row_key]), float(r[column_key])), metric)
     return Heatmap(rows, columns, [[best.get((a, b), float("nan")) for b in columns] for a in rows])
 
 
 def best_by_weight(table: Sequence[Mapping], models: Sequence[str], metric: str) -> dict[str, list[tuple[float, float]]]:
     """Per model, (weight value, the best `metric` of the vectors giving it that weight), by weight: how much
     each model's weight matters when the others are at their best."""
-    out = {}
-    for model in models:
-        best: dict[float, float] = {}
-        for r in table:
-            weight, value = float(r[f"w:{model}"]), float(r[metric])
-            if value == value and not best.get(weight, -math.inf) >= value:
-                best[weight] = value
-        out[model] = sorted(best.items())
-    return out
+    return {model: sorted(_best_by(table, lambda r: float(r[f"w:{model}"]), metric).items()) for model in models}
+
+
+def _best_by(table: Sequence[Mapping], key: Callable[[Mapping], Any], metric: str) -> dict:
+    """The best `metric` (NaN left out) of the rows sharing each value of `key(row)`."""
+    best: dict = {}
+    for r in table:
+        group, value = key(r), float(r[metric])
+        if value == value and not best.get(group, -math.inf) >= value:
+            best[group] = value
+    return best
 
 
 def done_runs(engine: Engine, fingerprint: str, kind: str) -> list[db.Run]:
