@@ -12,7 +12,7 @@ import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
@@ -92,6 +92,7 @@ PACKAGED: dict[str, PackagedTimmCfg | OnnxCfg] = {
 # The offline demo's models: the four whose weights ship as pip packages (PACKAGED).
 DEMO_MODELS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "open_nsfw_resnet50_thin")
 
+
 def rgb_array(image: Image.Image) -> np.ndarray:
     """A decoded image as the models take it in: H x W x 3 uint8."""
     return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
@@ -150,6 +151,14 @@ def _pil_round(values: torch.Tensor) -> torch.Tensor:
     return values.clamp_(0, 255).trunc_()
 
 
+def _positions_by_shape(images: Sequence[np.ndarray | torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
+    """The positions of the images of each shape: same-size images are resampled as one batch."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for position, image in enumerate(images):
+        by_shape.setdefault(tuple(image.shape), []).append(position)
+    return by_shape
+
+
 class TimmBatchTransform:
     """timm's eval transform (resize, centre crop, ToTensor, Normalize) on a batch of decoded uint8 images,
     giving exactly the numbers of timm's per-image PIL transform (tests/test_models.py checks this).
@@ -186,11 +195,15 @@ class TimmBatchTransform:
             return int(edge * height / width), edge
         return edge, int(edge * width / height)
 
+    def _crop_origin(self, height: int, width: int) -> tuple[int, int]:
+        """(top, left) of the centre crop of a height x width image: torchvision's rounding."""
+        return int(round((height - self.height) / 2.0)), int(round((width - self.width) / 2.0))
+
     def _resize_crop(self, images: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """N x C x H x W uint8 -> N x C x self.height x self.width float64 pixel values: enlarged to
         height x width, then centre-cropped (only the kept pixels are computed)."""
         n, c, in_height, in_width = images.shape
-        top, left = int(round((height - self.height) / 2.0)), int(round((width - self.width) / 2.0))
+        top, left = self._crop_origin(height, width)
         across = _pil_coefficients(in_width, width, self.mode, left, self.width)
         down = _pil_coefficients(in_height, height, self.mode, top, self.height)
         rows = _pil_round(torch.addmm(_HALF, images.reshape(-1, in_width).double(), across.T))
@@ -216,22 +229,17 @@ class TimmBatchTransform:
         within cosine 0.999; tests/test_decode.py). Rounded to 8 bits after the resize, as PIL is."""
         device = images[0].device
         out = torch.empty((len(images), 3, self.height, self.width), dtype=torch.float32, device=device)
-        by_size: dict[tuple[int, ...], list[int]] = {}
-        for position, image in enumerate(images):
-            by_size.setdefault(tuple(image.shape), []).append(position)
-        for (_, in_height, in_width), positions in by_size.items():
+        for (_, in_height, in_width), positions in _positions_by_shape(images).items():
             height, width = self._resized_size(in_height, in_width)
             batch = torch.stack([images[p] for p in positions]).float()
             resized = torch.nn.functional.interpolate(batch, size=(height, width), mode=self.mode, antialias=True,
                                                       align_corners=False).round_().clamp_(0, 255)
-            top, left = int(round((height - self.height) / 2.0)), int(round((width - self.width) / 2.0))
+            top, left = self._crop_origin(height, width)
             out[positions] = resized[:, :, top:top + self.height, left:left + self.width]
         return out.div_(255).sub_(self.mean.to(device)).div_(self.std.to(device))
 
     def __call__(self, images: list[np.ndarray]) -> torch.Tensor:
-        by_size: dict[tuple[int, ...], list[int]] = {}
-        for position, image in enumerate(images):
-            by_size.setdefault(image.shape, []).append(position)
+        by_size = _positions_by_shape(images)
         if len(by_size) == 1:
             return self._group(images)
         out = torch.empty((len(images), 3, self.height, self.width), dtype=torch.float32)
