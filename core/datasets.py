@@ -118,10 +118,7 @@ class ImageSet:
             with Image.open(path) as image:
                 return to_rgb(image)
         except (OSError, SyntaxError, ValueError) as error:
-            raise DatasetError(
-                f"Image {path} (row {row}) could not be decoded: {error}. "
-                "Remove or replace the file and open the dataset again."
-            ) from error
+            raise undecodable(path, row, error) from error
 
     def check_disjoint(self, train_rows, eval_rows) -> None:
         """Raise DatasetError when a training row holds the same bytes as an eval row (the same row, the
@@ -144,6 +141,12 @@ class ImageSet:
 # Modes that convert("RGB") clips instead of scaling: 16-bit, 32-bit integer and float greyscale.
 _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def undecodable(path: str, row: int, detail: object) -> DatasetError:
+    """The one error for an image of an opened dataset that cannot be decoded (any decoder, any process)."""
+    return DatasetError(f"Image {path} (row {row}) could not be decoded: {detail}. "
+                        "Remove or replace the file and open the dataset again.")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from core.datasets import DatasetError, to_rgb
+from core.datasets import to_rgb, undecodable
 
 DECODERS = ("auto", "pil", "tensor")  # auto: tensor on CUDA, PIL elsewhere
 _JPEG_START = b"\xff\xd8\xff"
@@ -80,15 +80,15 @@ def decode_images(datas: Sequence[bytes], paths: Sequence[str], rows: Sequence[i
             out[i] = image
     for i, image in enumerate(out):
         if image is None:
-            out[i] = _pil_decode(datas[i], paths[i], rows[i]).to(device)
+            out[i] = torch.from_numpy(pil_pixels(datas[i], paths[i], rows[i]).copy()).permute(2, 0, 1).to(device)
     return out
 
 
-def _pil_decode(data: bytes, path: str, row: int) -> torch.Tensor:
+def pil_pixels(data: bytes, path: str, row: int) -> np.ndarray:
+    """What `ImageSet.load_image` makes of a file's bytes: H x W x 3 uint8 (`to_rgb`). Raises DatasetError
+    (`undecodable`) for a file PIL cannot decode."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            pixels = np.asarray(to_rgb(image))
-    except (OSError, SyntaxError, ValueError) as error:
-        raise DatasetError(f"Image {path} (row {row}) could not be decoded: {error}. "
-                           "Remove or replace the file and open the dataset again.") from error
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+            return np.asarray(to_rgb(image))
+    except Exception as error:  # PIL raises many types for broken files
+        raise undecodable(path, row, f"{type(error).__name__}: {error}") from None

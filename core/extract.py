@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from core.cache import CorruptEmbeddings, EmbeddingCache, EmbeddingSet
-from core.datasets import DatasetError, ImageSet
+from core.datasets import DatasetError, ImageSet, undecodable
 from core.decode import decode_images, resolve_decoder
 from core.devices import resolve_device
 from core.models import EmbeddingModel, TimmBatchTransform, cache_key_for, load_model, rgb_array
@@ -41,8 +41,7 @@ def _shard_grid(n: int, shard_size: int) -> list[Shard]:
 def _decode_failure(imageset: ImageSet, row: int, error: Exception) -> str:
     if isinstance(error, DatasetError):
         return str(error)
-    return (f"Image {imageset.paths[row]} (row {row}) could not be decoded: {type(error).__name__}: {error}. "
-            "Remove or replace the file and open the dataset again.")
+    return str(undecodable(imageset.paths[row], row, f"{type(error).__name__}: {error}"))
 
 
 class _DecodeOnce(Dataset):

@@ -23,7 +23,6 @@ mount: actors read the images and write the cache there. See docs/scaling.md.
 """
 from __future__ import annotations
 
-import io
 import socket
 import time
 import traceback
@@ -33,16 +32,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from sqlalchemy import Engine
 
 from core import db, jobs
 from core.cache import CorruptEmbeddings, EmbeddingCache, EmbeddingSet
-from core.datasets import DatasetError, ImageSet, to_rgb
+from core.datasets import DatasetError, ImageSet
+from core.decode import pil_pixels
 from core.devices import resolve_device
 from core.extract import DEFAULT_SHARD_SIZE, EXPORTS_FOLDER, embed_batch
 from core.metrics import QueryScores, depth_needed, query_scores_from_ranking, relevant_counts
-from core.models import ModelError, cache_key_for, load_model, rgb_array
+from core.models import ModelError, cache_key_for, load_model
 from core.progress import SILENT, Reporter
 from core.search import top_k
 from core.sweep import WeightGrid, WeightedConcatScorer
@@ -88,7 +87,7 @@ def connect(address: str | None = None) -> None:
 
 class RayCompute(Compute):
     """A job's heavy steps on the Ray cluster this process is connected to (`connect`): extraction with
-    `extract_on_ray`, an evaluation's scoring with `scores_on_ray`."""
+    `extract_on_ray`, an evaluation's scoring with `scores_on_ray`, a grid sweep with `sweep_on_ray`."""
 
     title_suffix = " (on Ray)"
 
@@ -110,7 +109,7 @@ class RayCompute(Compute):
 
 
 class RayExecutor:
-    """Runs every job's handler (core.tasks) in this process, with its extraction and evaluation on Ray."""
+    """Runs every job's handler (core.tasks) in this process, with its heavy steps on Ray (RayCompute)."""
 
     def __init__(self, workspace: Workspace, engine: Engine, *, shard_size: int = DEFAULT_SHARD_SIZE):
         self.workspace, self.engine, self.compute = workspace, engine, RayCompute(shard_size)
@@ -234,7 +233,7 @@ class _EmbedShards:
 
     def _embed(self, start: int, paths: list[str], data: list[bytes], models: list[int]) -> None:
         """Commit the shard for each of `models`."""
-        decoded = list(self.decoders.map(_decode, data, paths, range(start, start + len(data))))
+        decoded = list(self.decoders.map(pil_pixels, data, paths, range(start, start + len(data))))
         with torch.inference_mode():
             for index in models:
                 model, parts, seconds = self.models[index], [], 0.0
@@ -245,16 +244,6 @@ class _EmbedShards:
                     seconds += time.perf_counter() - started
                 self.cache.put_shard(self.fingerprint, model.cache_key, start, np.concatenate(parts),
                                      seconds=seconds, device=self.device)
-
-
-def _decode(data: bytes, path: str, row: int) -> np.ndarray:
-    """What `ImageSet.load_image` makes of the file's bytes: H x W x 3 uint8."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return rgb_array(to_rgb(image))
-    except Exception as error:  # PIL raises many types for broken files
-        raise DatasetError(f"Image {path} (row {row}) could not be decoded: {type(error).__name__}: {error}. "
-                           "Remove or replace the file and open the dataset again.") from None
 
 
 # Errors an actor reports that the driver raises again as themselves; any other becomes a RuntimeError.
