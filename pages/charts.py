@@ -56,8 +56,9 @@ def weight_profiles(profiles: Mapping[str, Sequence[tuple[float, float]]], metri
         figure.add_trace(go.Scatter(x=[w for w, _ in points], y=[v for _, v in points], mode="lines+markers",
                                     name=plot_text(model)))
     return figure.update_layout(title=f"best {metric} at each weight of a model, the others at their best (oracle)",
-                                xaxis_title="weight", yaxis_title=metric, height=380,
-                                margin={"l": 10, "r": 10, "t": 40, "b": 10}, legend={"orientation": "h"})
+                                xaxis_title="weight", yaxis_title=metric, height=400,
+                                margin={"l": 10, "r": 10, "t": 40, "b": 10},
+                                legend={"orientation": "h", "y": -0.25})  # below the axis title, not over it
 
 
 def training_curve(points: Sequence[Mapping], k: int) -> go.Figure | None:
