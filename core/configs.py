@@ -17,6 +17,7 @@ from sqlalchemy import Engine
 from core import jobs
 from core.datasets import PROTOCOLS
 from core.heads import HeadConfig
+from core.methods import Method, MethodError
 from core.models import DEMO_MODELS
 
 DEFAULT_K = 50
@@ -333,6 +334,41 @@ class TrainHeadConfig(ScoredConfig):
         return values
 
 
+MAP_PROJECTIONS = ("pca", "umap")
+MAX_MAP_POINTS = 1_000_000
+
+
+@dataclass(frozen=True)
+class MapConfig(JobConfig):
+    """A 2-D map (core.projection) of one method's eval embeddings, at most `max_points` of them sampled
+    per class, computed in the background and kept in the workspace (UMAP takes minutes at 50,000)."""
+
+    kind: ClassVar[str] = "embedding_map"
+    method: Method | None = None
+    projection: str = "umap"
+    max_points: int = 5000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        method = self.method
+        if isinstance(method, Mapping):
+            try:
+                method = Method.from_dict(method)
+            except (KeyError, TypeError, ValueError, MethodError) as error:
+                raise ConfigError(f"map settings: not a method ({error})") from None
+        if not isinstance(method, Method):
+            raise ConfigError("a map needs the method whose embeddings it draws")
+        if not method.yields_embedding:
+            raise ConfigError(f"{method.label} ranks each query without one embedding per image: nothing to map")
+        set_(self, "method", method)
+        set_(self, "models", method.used_models)
+        super().__post_init__()
+        _one_of("projection", self.projection, MAP_PROJECTIONS)
+        set_(self, "max_points", _bounded("max_points", self.max_points, 3, MAX_MAP_POINTS))
+        set_(self, "seed", _bounded("seed", self.seed, 0, 2**31 - 1))
+
+
 def demo_jobs(source: str = DEMO_SOURCE) -> list[JobConfig]:
     """The jobs that prepare the offline demo, in the order that fills the dashboard soonest: each model
     embeds and scores the eval split alone (one leaderboard row per model as it finishes), the oracle
@@ -346,7 +382,7 @@ def demo_jobs(source: str = DEMO_SOURCE) -> list[JobConfig]:
 def _to_json(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_to_json(v) for v in value]
-    if isinstance(value, HeadConfig):
+    if isinstance(value, (HeadConfig, Method)):
         return value.to_dict()
     return value
 

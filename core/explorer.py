@@ -11,31 +11,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from core.cache import EmbeddingCache
 from core.datasets import ImageSet, to_rgb
 from core.methods import Method
 from core.metrics import PER_QUERY, QueryScores, depth_needed, per_class_ap, per_query_scores, scores_from_relevance
-from core.models import cache_key_for
 from core.search import TorchSearch, top_k
-
-class ExplorerError(Exception):
-    """Something the user can fix (usually: extract the missing embeddings first); the message says how."""
-
-
-def cached_arrays(cache: EmbeddingCache, imageset: ImageSet, models: Sequence[str]) -> dict[str, np.ndarray]:
-    """Each model's cached embeddings of the dataset, memory-mapped; a clear error for any not extracted."""
-    out, missing = {}, []
-    for model in models:
-        found = cache.get(imageset.fingerprint, cache_key_for(model))
-        if found is None:
-            missing.append(model)
-        else:
-            out[model] = found.load()
-    if missing:
-        raise ExplorerError(f"No cached embeddings of {imageset.name!r} for {', '.join(missing)}. "
-                            "Extract them on the 'Data & models' page first.")
-    return out
-
 
 def query_scores(embeddings: np.ndarray, labels: np.ndarray, k: int) -> QueryScores:
     """Per-query AP (each convention) and P@1 of every eval query."""

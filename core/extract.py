@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -255,3 +256,39 @@ def _commit_shard(cache: EmbeddingCache, imageset: ImageSet, model: EmbeddingMod
             "weights, and on a GPU try device 'cpu' to rule out reduced precision.")
     cache.put_shard(imageset.fingerprint, model.cache_key, start, array, seconds=seconds,
                     device=f"{device} ({model.backend})")
+
+
+class MissingEmbeddings(Exception):
+    """Something the user can fix: extract the missing embeddings first (the message says where)."""
+
+
+def cached_arrays(cache: EmbeddingCache, imageset: ImageSet, models: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each model's cached embeddings of the dataset, memory-mapped; a clear error for any not extracted."""
+    out, missing = {}, []
+    for model in models:
+        found = cache.get(imageset.fingerprint, cache_key_for(model))
+        if found is None:
+            missing.append(model)
+        else:
+            out[model] = found.load()
+    if missing:
+        raise MissingEmbeddings(f"No cached embeddings of {imageset.name!r} for {', '.join(missing)}. "
+                                "Extract them on the 'Data & models' page first.")
+    return out
+
+
+def query_arrays(cache: EmbeddingCache, imageset: ImageSet, models: Sequence[str], protocol: str = "image"
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The models' cached embeddings and the rows of the query split in them: the whole dataset's, or,
+    before the train split is embedded (the demo's first look), the eval split's own set
+    (core.datasets.ImageSet.only), which holds the eval rows in order."""
+    try:
+        return cached_arrays(cache, imageset, models), imageset.protocol_rows(protocol)[1]
+    except MissingEmbeddings as missing:
+        if protocol != "image":
+            raise
+        part = imageset.only("eval")
+        try:
+            return cached_arrays(cache, part, models), np.arange(len(part))
+        except MissingEmbeddings:
+            raise missing from None

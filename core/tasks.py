@@ -19,11 +19,11 @@ from sqlalchemy import Engine
 
 from core import db
 from core.cache import EmbeddingCache, EmbeddingSet
-from core.configs import (ComplementarityConfig, EvaluateConfig, ExtractConfig, FuseConfig, SelectWeightsConfig,
-                          Settings, SweepConfig, TrainHeadConfig)
+from core.configs import (ComplementarityConfig, EvaluateConfig, ExtractConfig, FuseConfig, MapConfig,
+                          SelectWeightsConfig, Settings, SweepConfig, TrainHeadConfig)
 from core.datasets import PROTOCOL_SPLIT, ImageSet, open_dataset
 from core.errors import user_message
-from core.extract import extract_embeddings
+from core.extract import extract_embeddings, query_arrays
 from core.heads import checkpoint_key, clear_checkpoint, head_label, train_fusion_head
 from core.jobs import current_job_id
 from core.methods import Method
@@ -34,6 +34,7 @@ from core.complementarity import complementarity
 from core.ensemble_search import select_weights as search_weights
 from core.selection import weights_chosen_on_train
 from core.progress import JobCancelled, Reporter
+from core.projection import map_key, project, sample_positions, save_map
 from core.sweep import grid_sweep, random_sweep
 from core.workspace import Workspace
 
@@ -354,3 +355,20 @@ def train_head(config: TrainHeadConfig, reporter: Reporter, workspace: Workspace
                                                 "validation", split, **extra)])
     clear_checkpoint(checkpoints)  # finished: nothing left to resume
     return run_id
+
+
+@job_kind(MapConfig)
+def embedding_map(config: MapConfig, reporter: Reporter, workspace: Workspace, engine: Engine) -> None:
+    """A 2-D map of the method's cached eval embeddings, kept in the workspace under core.projection.map_key
+    (a picture, not a result: no run is recorded). Extract the embeddings first: a map never starts an
+    extraction."""
+    imageset = open_dataset(config.dataset, workspace, limit_per_class=config.limit_per_class)
+    method = config.method
+    arrays, rows = query_arrays(EmbeddingCache(workspace.embeddings), imageset, list(method.used_models))
+    positions = sample_positions(imageset.labels[imageset.protocol_rows("image")[1]], config.max_points, config.seed)
+    reporter.progress(0.01, f"building the embeddings of {method.label}")
+    coords = project(method.embeddings(arrays, rows)[positions], config.projection, config.seed, reporter)
+    key = map_key(imageset.fingerprint, method.to_dict(), arrays, config.projection, config.max_points, config.seed)
+    save_map(workspace, key, positions, coords)
+    reporter.progress(1.0, f"{config.projection.upper()} map of {len(positions):,} points saved")
+    return None

@@ -16,10 +16,11 @@ import streamlit as st
 from core import db, views
 from core import leaderboard as lb
 from core.datasets import PROTOCOL_SPLIT, ImageSet, open_dataset
-from core.explorer import ExplorerError, cached_arrays, query_scores
+from core.explorer import query_scores
+from core.extract import query_arrays
 from core.methods import Method
 from core.metrics import QueryScores, depth_needed, query_scores_from_ranking, relevant_counts
-from core.projection import project, sample_positions
+from core.projection import load_map, map_key, project, sample_positions
 from core.scores import load_query_scores
 from core.thumbnails import thumbnail_path
 from core.workspace import Workspace
@@ -95,20 +96,8 @@ def thumb(imageset: ImageSet, row: int, size: int = 128) -> str | None:
 # --- methods ----------------------------------------------------------------------------------------------
 
 def _arrays(imageset: ImageSet, method: Method, protocol: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The method's models' cached embeddings and the rows of the query split in them: the whole dataset's
-    (core.explorer.cached_arrays), or, before the train split is embedded (the demo's first look), the eval
-    split's own set (core.datasets.ImageSet.only), which holds the eval rows in order."""
-    cache, models = state.embedding_cache(), list(method.used_models)
-    try:
-        return cached_arrays(cache, imageset, models), eval_rows(imageset, protocol)
-    except ExplorerError as missing:
-        if protocol != "image":
-            raise
-        part = imageset.only("eval")
-        try:
-            return cached_arrays(cache, part, models), np.arange(len(part))
-        except ExplorerError:
-            raise missing from None
+    """core.extract.query_arrays of the method's models."""
+    return query_arrays(state.embedding_cache(), imageset, list(method.used_models), protocol)
 
 
 def _key(imageset: ImageSet, method: Method, protocol: str) -> str:
@@ -202,14 +191,21 @@ def list_scores(imageset: ImageSet, picked: Sequence[views.MethodOption], k: int
 
 
 @st.cache_resource(show_spinner="Projecting to 2-D ...", max_entries=8)
-def _projection(key: str, how: str, max_points: int, _imageset: ImageSet, _method: Method):
+def _pca_map(key: str, max_points: int, _imageset: ImageSet, _method: Method):
     positions = sample_positions(_imageset.labels[eval_rows(_imageset)], max_points)
-    return positions, project(method_embeddings(_imageset, _method)[positions], how)
+    return positions, project(method_embeddings(_imageset, _method)[positions], "pca")
 
 
-def projection(imageset: ImageSet, method: Method, how: str, max_points: int) -> tuple[np.ndarray, np.ndarray]:
-    """core.projection: (eval positions shown, their 2-D coordinates)."""
-    return _projection(_key(imageset, method, "image"), how, int(max_points), imageset, method)
+def pca_map(imageset: ImageSet, method: Method, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """core.projection PCA, computed here (under a second at 50,000 points): (eval positions, 2-D coordinates)."""
+    return _pca_map(_key(imageset, method, "image"), int(max_points), imageset, method)
+
+
+def stored_map(imageset: ImageSet, method: Method, how: str, max_points: int
+               ) -> tuple[np.ndarray, np.ndarray] | None:
+    """A map computed by an embedding_map job (core.projection.load_map), or None when there is none yet."""
+    arrays, _ = _arrays(imageset, method, "image")
+    return load_map(state.workspace(), map_key(imageset.fingerprint, method.to_dict(), arrays, how, int(max_points)))
 
 
 @st.cache_resource(show_spinner="Loading the model for uploads ...", max_entries=8)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import views
+from core import configs, views
 from core.projection import methods as projections
 from pages import cached, charts, state, widgets
 
@@ -24,6 +24,18 @@ def picked_points(imageset, points: list[dict], source: str) -> None:
                          query_params={"query": str(row), "dataset": source})
 
 
+def umap_job(imageset, source: str, name: str, method, max_points: int) -> None:
+    """No stored UMAP of this embedding yet: say what it costs and queue it as a background job."""
+    n = min(max_points, len(cached.eval_rows(imageset)))
+    st.info(f"UMAP of {n:,} points runs as a background job (about a minute per 10,000 points on two CPU "
+            "cores; seconds on a GPU with cuML). The map appears here when it is done.", icon=":material/schedule:")
+    if st.button(f"Compute the UMAP map of {name}", type="primary", icon=":material/scatter_plot:", key="map:umap"):
+        with widgets.guarded():
+            config = configs.MapConfig(dataset=source, method=method, projection="umap", max_points=max_points)
+            widgets.submitted(config.submit(state.engine()), "The UMAP map")
+    widgets.show_jobs(kinds=("embedding_map",), key="map:jobs")
+
+
 with widgets.guarded():
     imageset, source = widgets.require_imageset()
     rows = cached.eval_rows(imageset)
@@ -32,15 +44,22 @@ with widgets.guarded():
     widgets.require_models(list(options))
     cols = st.columns([3, 1, 1])
     name = cols[0].selectbox("Embedding", list(options), key="map:method")
-    how = cols[1].selectbox("Projection", projections(), key="map:projection", help="UMAP appears when umap-learn is installed")
-    max_points = cols[2].number_input("Points (sampled per class)", 100, 50_000, 5_000, step=500, key="map:points")
-    positions, coords = cached.projection(imageset, options[name].method, how, int(max_points))
-    groups = views.points_by_class(imageset.labels[rows][positions], len(imageset.class_names))
-    title = f"{how.upper()} of {name} ({len(positions):,} eval images)"
-    event = st.plotly_chart(charts.embedding_map(groups, coords, rows[positions], imageset.class_names, title),
-                            key="map:chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
-    if event and event.selection.points:
-        picked_points(imageset, event.selection.points, source)
+    how = cols[1].selectbox("Projection", projections(), key="map:projection",
+                            help="PCA is computed at once; UMAP (umap-learn, or cuML on a GPU) runs as a background job")
+    max_points = int(cols[2].number_input("Points (sampled per class)", 100, 50_000, 5_000, step=500, key="map:points"))
+    method = options[name].method
+    shown = cached.pca_map(imageset, method, max_points) if how == "pca" else \
+        cached.stored_map(imageset, method, how, max_points)
+    if shown is None:
+        umap_job(imageset, source, name, method, max_points)
     else:
-        st.caption("Hover a point for its id and class; click or lasso points to see their images and open one "
-                   "in the query explorer.")
+        positions, coords = shown
+        groups = views.points_by_class(imageset.labels[rows][positions], len(imageset.class_names))
+        title = f"{how.upper()} of {name} ({len(positions):,} eval images)"
+        event = st.plotly_chart(charts.embedding_map(groups, coords, rows[positions], imageset.class_names, title),
+                                key="map:chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
+        if event and event.selection.points:
+            picked_points(imageset, event.selection.points, source)
+        else:
+            st.caption("Hover a point for its id and class; click or lasso points to see their images and open one "
+                       "in the query explorer.")

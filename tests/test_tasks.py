@@ -227,3 +227,46 @@ def test_eval_only_jobs_score_the_same_queries_and_extraction_records_each_model
     assert row.n == 20 and row.seconds_per_image > 0 and row.device.startswith("cpu")
     with pytest.raises(ConfigError, match="eval_only"):
         TrainHeadConfig(**common, eval_only=True)
+
+
+def test_map_job_draws_cached_embeddings_only_and_keeps_the_map(engine, tmp_path):
+    from core.cache import EmbeddingCache
+    from core.configs import MapConfig
+    from core.datasets import open_dataset
+    from core.extract import MissingEmbeddings, query_arrays
+    from core.methods import Method
+    from core.projection import load_map, map_key
+
+    workspace, eng = engine
+    folder = str(split_folder(tmp_path / "images", 4, 6))
+    method = Method.single(MODELS[0])
+    params = MapConfig(dataset=folder, method=method, projection="pca", max_points=100).to_dict()
+    with pytest.raises(MissingEmbeddings, match="Extract them"):  # a map never starts an extraction
+        run_job("embedding_map", params, SILENT, workspace, eng)
+    assert not list(workspace.folder("maps").iterdir())
+    # the first look's eval-only embeddings are enough
+    run_job("evaluate", EvaluateConfig(dataset=folder, models=MODELS[:1], k=3, eval_only=True).to_dict(),
+            SILENT, workspace, eng)
+    seen = []
+    assert run_job("embedding_map", params, Reporter(on_progress=lambda f, m: seen.append(f)), workspace, eng) is None
+    imageset = open_dataset(folder, workspace)
+    arrays, rows = query_arrays(EmbeddingCache(workspace.embeddings), imageset, [MODELS[0]])
+    positions, coords = load_map(workspace, map_key(imageset.fingerprint, method.to_dict(), arrays, "pca", 100))
+    assert list(positions) == list(range(12)) and coords.shape == (12, 2) and np.isfinite(coords).all()
+    assert seen[-1] == 1.0
+    assert len(runs(eng)) == 1  # the evaluation's: a map is a picture, not a run
+
+
+@pytest.mark.parametrize("method, message", [
+    ({"kind": "rank", "models": MODELS, "options": {"rule": "rrf"}}, "nothing to map"),
+    ({"kind": "single", "models": MODELS}, "not a method"),
+    ({"kind": "__import__('os')", "models": ["x"]}, "not a method"),
+    ("rm -rf /", "needs the method"),
+    (None, "needs the method"),
+])
+def test_map_settings_reject_what_cannot_be_drawn(method, message):
+    from core.configs import MapConfig
+    with pytest.raises(ConfigError, match=message):
+        MapConfig.from_dict({"dataset": "demo", "method": method})
+    with pytest.raises(ConfigError, match="max_points"):
+        MapConfig.from_dict({"dataset": "demo", "method": {"kind": "single", "models": ["m"]}, "max_points": 10**9})
