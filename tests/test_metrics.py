@@ -73,6 +73,23 @@ def test_per_query_and_per_class_scores_agree_with_summary():
     assert np.mean(list(per_class.values())) == pytest.approx(np.nanmean(s.ap_at_k))
 
 
+def test_per_class_ap_equals_a_slow_loop_leaving_excluded_queries_out():
+    from core.metrics import QueryScores
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 7, 300) * 3  # sparse class ids
+    n_relevant = rng.integers(0, 4, 300)
+    n_relevant[labels == 6] = 0  # a class whose queries are all excluded
+    ap = np.where(n_relevant > 0, rng.random(300), np.nan)
+    scores = QueryScores(5, ap, ap, ap, ap, n_relevant)
+    expected = {}
+    for c in sorted(set(labels.tolist())):
+        kept = [float(ap[i]) for i in range(300) if labels[i] == c and n_relevant[i] > 0]
+        expected[c] = sum(kept) / len(kept) if kept else float("nan")
+    got = per_class_ap(scores, labels)
+    assert list(got) == list(expected) and np.isnan(got[6])
+    assert [got[c] for c in expected if c != 6] == pytest.approx([expected[c] for c in expected if c != 6], abs=1e-12)
+
+
 def test_map_at_k_hits_is_not_below_map_at_k_and_perfect_embeddings_score_one():
     labels = np.repeat(np.arange(4), 5)
     perfect = np.eye(4)[labels] + 1e-3 * np.random.default_rng(0).normal(size=(20, 4))
