@@ -7,8 +7,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
+from plotly import colors as px_colors
 
-from core.views import COST_UNITS, Heatmap, PairMatrix, plot_text
+from core.views import COST_UNITS, Heatmap, PairMatrix, plot_text, points_by_class
 
 SINGLE, ENSEMBLE, REFERENCE = "#9e9e9e", "#1f77b4", "#616161"
 
@@ -89,19 +90,37 @@ def run_bars(table: Sequence[Mapping], metric: str = "map@k") -> go.Figure:
 # Above this many points WebGL draws faster than SVG; below it SVG starts sooner (no GL context to create,
 # which costs most where the browser has no GPU and emulates WebGL).
 WEBGL_FROM_POINTS = 2_000
+LEGEND_CLASSES = 40
+PALETTE = px_colors.qualitative.Dark24
 
 
-def embedding_map(groups, coords: np.ndarray, ids: np.ndarray, class_names: Sequence[str], title: str) -> go.Figure:
-    """One trace per class (core.views.points_by_class); each point carries its dataset row in customdata."""
-    figure = go.Figure()
+def embedding_map(labels: np.ndarray, coords: np.ndarray, ids: np.ndarray, class_names: Sequence[str],
+                  title: str) -> go.Figure:
+    """Points coloured by class (`labels`: class index per point); each carries its dataset row in customdata.
+    Up to LEGEND_CLASSES classes: a trace (and a legend entry) per class. Above that a legend is unreadable
+    and a thousand WebGL traces take seconds to draw, so classes share the colours of a repeating palette
+    (a trace per colour), the class shown on hover."""
+    labels = np.asarray(labels)
     scatter = go.Scattergl if len(ids) > WEBGL_FROM_POINTS else go.Scatter
-    for c, members in groups:
-        name = plot_text(class_names[c])
-        figure.add_trace(scatter(
-            x=coords[members, 0], y=coords[members, 1], mode="markers", name=name, marker={"size": 6, "opacity": 0.8},
-            customdata=ids[members], hovertemplate="#%{customdata} · %{fullData.name}<extra></extra>"))
+    figure = go.Figure()
+    groups = points_by_class(labels, len(class_names))
+    if len(groups) <= LEGEND_CLASSES:
+        for c, members in groups:
+            figure.add_trace(scatter(
+                x=coords[members, 0], y=coords[members, 1], mode="markers", name=plot_text(class_names[c]),
+                marker={"size": 6, "opacity": 0.8}, customdata=ids[members],
+                hovertemplate="#%{customdata} · %{fullData.name}<extra></extra>"))
+    else:
+        names = np.array([plot_text(name) for name in class_names], dtype=object)
+        for colour, shade in enumerate(PALETTE):  # a trace per colour: cheaper to draw than a colour per point
+            members = np.flatnonzero(labels % len(PALETTE) == colour)
+            figure.add_trace(scatter(
+                x=coords[members, 0], y=coords[members, 1], mode="markers", text=names[labels[members]],
+                customdata=ids[members], marker={"size": 4, "opacity": 0.8, "color": shade},
+                hovertemplate="#%{customdata} · %{text}<extra></extra>"))
+        title += f" · {len(groups):,} classes: colours repeat, hover a point for its class"
     figure.update_layout(height=600, title=plot_text(title), legend={"itemsizing": "constant"}, dragmode="select",
-                         margin={"l": 10, "r": 10, "t": 40, "b": 10})
+                         showlegend=len(groups) <= LEGEND_CLASSES, margin={"l": 10, "r": 10, "t": 40, "b": 10})
     return figure
 
 

@@ -54,9 +54,9 @@ with widgets.guarded():
         umap_job(imageset, source, name, method, max_points)
     else:
         positions, coords = shown
-        groups = views.points_by_class(imageset.labels[rows][positions], len(imageset.class_names))
         title = f"{how.upper()} of {name} ({len(positions):,} eval images)"
-        event = st.plotly_chart(charts.embedding_map(groups, coords, rows[positions], imageset.class_names, title),
+        figure = charts.embedding_map(imageset.labels[rows][positions], coords, rows[positions], imageset.class_names, title)
+        event = st.plotly_chart(figure,
                                 key="map:chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
         if event and event.selection.points:
             picked_points(imageset, event.selection.points, source)

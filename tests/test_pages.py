@@ -933,12 +933,26 @@ def test_the_map_uses_webgl_above_two_thousand_points_and_keeps_rows_for_selecti
     from pages import charts as page_charts
     coords = np.random.default_rng(0).normal(size=(2001, 2))
     rows = np.arange(2001) * 2
-    figure = page_charts.embedding_map([(0, np.arange(1000)), (1, np.arange(1000, 2001))], coords, rows,
-                                       ["a", "b"], "map")
+    labels = (np.arange(2001) >= 1000).astype(int)
+    figure = page_charts.embedding_map(labels, coords, rows, ["a", "b"], "map")
     assert [t.type for t in figure.data] == ["scattergl", "scattergl"] and figure.layout.dragmode == "select"
     assert list(figure.data[1].customdata[:2]) == [2000, 2002]
-    small = page_charts.embedding_map([(0, np.arange(10))], coords[:10], rows[:10], ["a"], "map")
+    small = page_charts.embedding_map(np.zeros(10, dtype=int), coords[:10], rows[:10], ["a"], "map")
     assert [t.type for t in small.data] == ["scatter"]
+
+
+def test_a_map_of_many_classes_shares_colours_and_names_each_points_class_on_hover():
+    from pages import charts as page_charts
+    n_classes, colours = page_charts.LEGEND_CLASSES + 1, len(page_charts.PALETTE)
+    labels = np.arange(3 * n_classes) % n_classes
+    names = [f"c<{c}>" for c in range(n_classes)]
+    figure = page_charts.embedding_map(labels, np.zeros((len(labels), 2)), np.arange(len(labels)) + 100, names, "map")
+    assert len(figure.data) == colours and len({t.marker.color for t in figure.data}) == colours
+    shown = {int(row): str(text) for t in figure.data for row, text in zip(t.customdata, t.text)}
+    assert shown == {100 + i: f"c&lt;{c}&gt;" for i, c in enumerate(labels)}  # every point once, its class escaped
+    for trace in figure.data:  # classes sharing a colour are classes `colours` apart
+        assert len({(int(row) - 100) % n_classes % colours for row in trace.customdata}) == 1
+    assert figure.layout.showlegend is False and f"{n_classes:,} classes" in figure.layout.title.text
 
 
 def test_an_uploaded_image_searches_only_with_methods_that_embed_one(monkeypatch, seeded, tmp_path):
