@@ -15,6 +15,13 @@ synthetic queries (default 50,000):
   lists_computed_s  score every query of both methods first (exact search, core.metrics.per_query_scores on
                     --lists-dims random dims), then the same lists: what an ad-hoc method costs;
   lists_ratio       computed / stored, both measured in this process.
+With --synthetic, the users' scale instead (bench/synthetic_study.py: 50,000 eval queries, 1,000 classes, the
+real evaluate and sweep jobs on synthetic embeddings; built once in --workspace, default
+/tmp/ensemble-bench-synthetic), in the browser:
+  explorer_lists_s  each query explorer list (ensemble fixed / broke, hardest, per class) from a click on it
+                    until its table is drawn, median of --repeats (the lists of a model and the concatenation);
+  map_points_s      the embedding map (PCA) from asking for N points until the chart holds them: 50,000 after
+                    20,000 and the reverse, median of --repeats; map_first_s: its first 50,000 (cold caches).
 Writes JSON (machine, versions, threads, date, workspace size, seconds per page) to
 bench/results/pages_<name>.json and prints it. Without --workspace it prepares (once, reused later) the
 browser tests' demo-small workspace with the CLI.
@@ -22,6 +29,7 @@ browser tests' demo-small workspace with the CLI.
     python bench/bench_pages.py --name cpu-demo-small
     python bench/bench_pages.py --workspace /data/ws --dataset demo --name cpu-demo
     python bench/bench_pages.py --lists-only --lists-queries 50000 --name cpu-lists
+    python bench/bench_pages.py --synthetic --name cpu-50k
 """
 from __future__ import annotations
 
@@ -37,7 +45,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "e2e"))  # the browser tests' harness: serve, chromium, page helpers
 
-from e2e_harness import HEADINGS, PAGES, chromium, goto, heading, new_page, prepare_workspace, serve  # noqa: E402
+from e2e_harness import (HEADINGS, PAGES, chromium, goto, heading, map_points, new_page, open_page,  # noqa: E402
+                         prepare_workspace, serve, show_list)
 from bench.machine import cpu_name, write_result
 
 DEFAULT_WORKSPACE = Path("/tmp/ensemble-bench-pages-demo-small")
@@ -79,6 +88,56 @@ def measure(workspace: Path, dataset: str, repeats: int, only: set[str] | None =
         page.context.close()
     return {"first_load_s": round(first_load, 3), "repeats": repeats,
             "pages_warm_s": {title: statistics.median(t) for title, t in times.items()}, "pages_warm_all_s": times}
+
+
+LISTS = ("ensemble broke", "hardest", "per class", "ensemble fixed")  # the page opens on "thumbnail"
+
+
+def measure_scale(workspace: Path, repeats: int) -> dict:
+    """The explorer's lists and the map at bench.synthetic_study's scale, in Chromium (see the docstring)."""
+    from urllib.parse import quote
+
+    from bench import synthetic_study
+    from core import db
+    from core.workspace import Workspace
+
+    source = synthetic_study.build(workspace)
+    engine = db.make_engine(Workspace.open(workspace).db_url)
+    with db.read_session(engine) as session:
+        ids: dict[str, int] = {}
+        for r in session.query(db.Result).order_by(db.Result.id).all():
+            ids.setdefault(r.method, r.id)
+    engine.dispose()
+    methods = f"{ids[synthetic_study.MODELS[0]]},{ids['test_efficientnet(1)+test_resnet(1)']}"
+    dataset = quote(source, safe="")
+    lists: dict[str, list[float]] = {}
+    with serve(workspace, dataset=dataset, worker=False) as app, chromium() as browser:
+        page = new_page(browser, timeout_ms=300_000)
+        open_page(page, app, "Query explorer", params=f"dataset={dataset}&methods={methods}")
+        page.locator("[data-testid=stExpander] summary", has_text="Pick a query").first.wait_for()
+        for how in LISTS:  # once to fill the caches
+            show_list(page, how)
+        for _ in range(repeats):
+            for how in LISTS:
+                start = time.perf_counter()
+                show_list(page, how)
+                lists.setdefault(how, []).append(round(time.perf_counter() - start, 3))
+        open_page(page, app, "Embedding map")
+        start = time.perf_counter()
+        map_points(page, 50_000)
+        first = time.perf_counter() - start
+        points: dict[int, list[float]] = {}
+        for _ in range(repeats):
+            for n in (20_000, 50_000):
+                start = time.perf_counter()
+                map_points(page, n)
+                points.setdefault(n, []).append(round(time.perf_counter() - start, 3))
+        page.context.close()
+    return {"scale": {"queries": 50_000, "classes": 1000, "source": source, "methods": methods},
+            "explorer_lists_s": {how: statistics.median(t) for how, t in lists.items()},
+            "explorer_lists_all_s": lists, "map_first_s": round(first, 3),
+            "map_points_s": {str(n): statistics.median(t) for n, t in points.items()},
+            "map_points_all_s": {str(n): t for n, t in points.items()}}
 
 
 def measure_lists(n_queries: int, dims: int, k: int = 50, seed: int = 0) -> dict:
@@ -155,14 +214,20 @@ def main() -> int:
     parser.add_argument("--lists-dims", type=int, default=32, help="embedding dims of the list benchmark's ad-hoc side")
     parser.add_argument("--lists-only", action="store_true", help="only the list benchmark (no browser)")
     parser.add_argument("--pages", help="comma-separated navigation titles to time (default: every page)")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="the 50,000-query lists and map (bench/synthetic_study.py) instead of the pages")
     args = parser.parse_args()
     report = {"benchmark": "pages", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "dataset": args.dataset, **machine()}
-    if not args.lists_only:
+    if args.synthetic:
+        workspace = args.workspace or Path("/tmp/ensemble-bench-synthetic")
+        report.update(measure_scale(workspace, args.repeats))
+        report.update(workspace=workspace_facts(workspace))
+    elif not args.lists_only:
         workspace = args.workspace or prepare_workspace(DEFAULT_WORKSPACE)
         only = set(args.pages.split(",")) if args.pages else None
         report.update(workspace=workspace_facts(workspace), **measure(workspace, args.dataset, args.repeats, only))
-    if args.lists_queries:
+    if args.lists_queries and not args.synthetic:
         report.update(measure_lists(args.lists_queries, args.lists_dims))
     write_result(report, REPO / "bench" / "results" / f"pages_{args.name}.json")
     return 0

@@ -292,3 +292,33 @@ def grid_click_row(page, key: str, row: int, row_height: float = 35.0) -> None:
     canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()
     page.mouse.click(box["x"] + 18, box["y"] + row_height * (row + 1) + row_height / 2)
+
+
+# --- the users' scale (bench/synthetic_study.py) ----------------------------------------------------------
+
+def show_list(page, how: str) -> None:
+    """Pick the query explorer's `how` list ("ensemble fixed", "ensemble broke", "hardest", "per class") and
+    wait until its table is drawn."""
+    widget(page, "explorer:how").get_by_text(how, exact=True).click()
+    marker = "biggest gain first" if how == "per class" else None
+    if marker:
+        page.locator("[data-testid=stExpander]").get_by_text(marker).first.wait_for()
+    else:
+        widget(page, f"explorer:list:{how}").locator("[data-testid=stDataFrame]").wait_for()
+    settle(page)
+
+
+MAP_DRAWN = """(n) => { const plot = document.querySelector('.st-key-map-chart .js-plotly-plot');
+    return !!plot && !!plot._fullData && plot.querySelector('.main-svg') !== null
+        && plot._fullData.reduce((sum, t) => sum + (t.x ? t.x.length : 0), 0) === n; }"""
+
+
+def map_points(page, n: int) -> dict[str, int]:
+    """Ask the embedding map for `n` points and wait until the chart holds them; points per trace type."""
+    field = widget(page, "map:points").locator("input")
+    field.fill(str(n))
+    field.press("Enter")
+    page.wait_for_function(MAP_DRAWN, arg=n, timeout=300_000)
+    settle(page)
+    return page.evaluate("""() => document.querySelector('.st-key-map-chart .js-plotly-plot')._fullData
+        .reduce((out, t) => { out[t.type] = (out[t.type] || 0) + t.x.length; return out; }, {})""")
