@@ -21,7 +21,9 @@ real evaluate and sweep jobs on synthetic embeddings; built once in --workspace,
   explorer_lists_s  each query explorer list (ensemble fixed / broke, hardest, per class) from a click on it
                     until its table is drawn, median of --repeats (the lists of a model and the concatenation);
   map_points_s      the embedding map (PCA) from asking for N points until the chart holds them: 50,000 after
-                    20,000 and the reverse, median of --repeats; map_first_s: its first 50,000 (cold caches).
+                    20,000 and the reverse, median of --repeats; map_first_s: its first 50,000 (cold caches);
+  leaderboard_per_class_s  the leaderboard's "Compare per class" (1,000 classes: table and bars) from switching
+                    it on until the bars are drawn, median of --repeats after a first one.
 Writes JSON (machine, versions, threads, date, workspace size, seconds per page) to
 bench/results/pages_<name>.json and prints it. Without --workspace it prepares (once, reused later) the
 browser tests' demo-small workspace with the CLI.
@@ -46,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "e2e"))  # the browser tests' harness: serve, chromium, page helpers
 
 from e2e_harness import (HEADINGS, PAGES, chromium, goto, heading, map_points, new_page, open_page,  # noqa: E402
-                         prepare_workspace, serve, show_list)
+                         prepare_workspace, serve, settle, show_list, widget)
 from bench.machine import cpu_name, write_result
 
 DEFAULT_WORKSPACE = Path("/tmp/ensemble-bench-pages-demo-small")
@@ -122,6 +124,16 @@ def measure_scale(workspace: Path, repeats: int) -> dict:
                 start = time.perf_counter()
                 show_list(page, how)
                 lists.setdefault(how, []).append(round(time.perf_counter() - start, 3))
+        open_page(page, app, "Leaderboard")
+        per_class = []
+        for i in range(2 * repeats + 2):  # on (timed until the bars are drawn), off, ...; the first on fills caches
+            start = time.perf_counter()
+            widget(page, "lb:per_class").locator("label").first.click()
+            if i % 2 == 0:
+                widget(page, "lb:per_class_bar").locator(".main-svg").first.wait_for()
+            settle(page)
+            if i % 2 == 0 and i:
+                per_class.append(round(time.perf_counter() - start, 3))
         open_page(page, app, "Embedding map")
         start = time.perf_counter()
         map_points(page, 50_000)
@@ -135,7 +147,8 @@ def measure_scale(workspace: Path, repeats: int) -> dict:
         page.context.close()
     return {"scale": {"queries": 50_000, "classes": 1000, "source": source, "methods": methods},
             "explorer_lists_s": {how: statistics.median(t) for how, t in lists.items()},
-            "explorer_lists_all_s": lists, "map_first_s": round(first, 3),
+            "explorer_lists_all_s": lists, "leaderboard_per_class_s": statistics.median(per_class),
+            "leaderboard_per_class_all_s": per_class, "map_first_s": round(first, 3),
             "map_points_s": {str(n): statistics.median(t) for n, t in points.items()},
             "map_points_all_s": {str(n): t for n, t in points.items()}}
 

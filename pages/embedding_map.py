@@ -27,8 +27,9 @@ def picked_points(imageset, points: list[dict], source: str) -> None:
 def umap_job(imageset, source: str, name: str, method, max_points: int) -> None:
     """No stored UMAP of this embedding yet: say what it costs and queue it as a background job."""
     n = min(max_points, len(cached.eval_rows(imageset)))
-    st.info(f"UMAP of {n:,} points runs as a background job (about a minute per 10,000 points on two CPU "
-            "cores; seconds on a GPU with cuML). The map appears here when it is done.", icon=":material/schedule:")
+    st.info(f"UMAP of {n:,} points runs as a background job: 40 s for 50,000 points on two CPU cores, plus about "
+            "a minute the first time a worker compiles it (cuML runs it on a GPU where installed). The map appears "
+            "here when it is done, and stays for the next visit.", icon=":material/schedule:")
     if st.button(f"Compute the UMAP map of {name}", type="primary", icon=":material/scatter_plot:", key="map:umap"):
         with widgets.guarded():
             config = configs.MapConfig(dataset=source, method=method, projection="umap", max_points=max_points)
