@@ -100,17 +100,10 @@ def measure_scale(workspace: Path, repeats: int) -> dict:
     from urllib.parse import quote
 
     from bench import synthetic_study
-    from core import db
-    from core.workspace import Workspace
 
     source = synthetic_study.build(workspace)
-    engine = db.make_engine(Workspace.open(workspace).db_url)
-    with db.read_session(engine) as session:
-        ids: dict[str, int] = {}
-        for r in session.query(db.Result).order_by(db.Result.id).all():
-            ids.setdefault(r.method, r.id)
-    engine.dispose()
-    methods = f"{ids[synthetic_study.MODELS[0]]},{ids['test_efficientnet(1)+test_resnet(1)']}"
+    ids = synthetic_study.result_ids(workspace)
+    methods = f"{ids[synthetic_study.MODELS[0]]},{ids[synthetic_study.CONCAT]}"
     dataset = quote(source, safe="")
     lists: dict[str, list[float]] = {}
     with serve(workspace, dataset=dataset, worker=False) as app, chromium() as browser:

@@ -37,6 +37,7 @@ MODELS = ("random:test_efficientnet", "random:test_resnet")
 DIMS = (64, 48)
 K = 50
 WEIGHTS = (0, 1)  # the two models and their concatenation: what the lists compare
+CONCAT = "test_efficientnet(1)+test_resnet(1)"  # the concatenation's method label
 
 
 def embeddings(labels: np.ndarray, classes: int, dim: int, seed: int) -> np.ndarray:
@@ -71,6 +72,19 @@ def build(workspace: Path, classes: int = 1000, per_class: int = 50, seed: int =
     run_job("sweep", SweepConfig(**common, weights=WEIGHTS).to_dict(), SILENT, ws, engine)
     marker.touch()
     return str(source)
+
+
+def result_ids(workspace: Path) -> dict[str, int]:
+    """The first result of each method label (a model's evaluation, not the sweep's vector of it alone)."""
+    engine = db.make_engine(Workspace.open(workspace).db_url)
+    try:
+        with db.read_session(engine) as session:
+            ids: dict[str, int] = {}
+            for result in session.query(db.Result).order_by(db.Result.id).all():
+                ids.setdefault(result.method, result.id)
+            return ids
+    finally:
+        engine.dispose()
 
 
 def main() -> int:

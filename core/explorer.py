@@ -1,5 +1,5 @@
-"""Query-level views of methods: one method's eval embeddings, a query's neighbours, per-query and
-per-class AP, where an ensemble fixed or broke a single model, and searching with a new image.
+"""Query-level views of methods: a query's neighbours, per-query and per-class AP, where an ensemble
+fixed or broke a single model, and searching with a new image.
 
 Positions here are positions in the eval split (0..n_eval-1); `rows` maps them back to dataset rows,
 which are the ids the dashboard shows and puts in URLs.
@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from core.datasets import ImageSet, to_rgb
+from core.datasets import to_rgb
 from core.methods import Method
 from core.metrics import PER_QUERY, QueryScores, depth_needed, per_class_ap, per_query_scores, scores_from_relevance
 from core.search import TorchSearch, top_k

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from bench import synthetic_study
-from core import db
 from core.cache import EmbeddingCache
 from core.datasets import open_dataset
 from core.models import cache_key_for
@@ -45,19 +44,6 @@ def scale_page(browser, study):
         page.context.close()
 
 
-def result_ids(workspace: Workspace) -> dict[str, int]:
-    """The first result of each method (a model's evaluation before the sweep's vector of it alone)."""
-    engine = db.make_engine(workspace.db_url)
-    try:
-        with db.read_session(engine) as session:
-            ids: dict[str, int] = {}
-            for r in session.query(db.Result).order_by(db.Result.id).all():
-                ids.setdefault(r.method, r.id)
-            return ids
-    finally:
-        engine.dispose()
-
-
 def reference_ap(sims: np.ndarray, labels: np.ndarray, query: int, k: int) -> float:
     """AP@k of one query from its float64 similarities to every row (DESIGN.md: rank by (-similarity, index),
     the query dropped by index, divided by min(k, R))."""
@@ -75,9 +61,8 @@ def rows_of(text: str) -> list[dict]:
 def test_explorer_lists_at_50000_queries_come_from_stored_scores(scale_page, study):
     app, page = scale_page
     workspace, source = study
-    ids = result_ids(workspace)
-    single_label, concat_label = synthetic_study.MODELS[0], "test_efficientnet(1)+test_resnet(1)"
-    single, concat = ids[single_label], ids[concat_label]
+    ids = synthetic_study.result_ids(workspace.root)
+    single, concat = ids[synthetic_study.MODELS[0]], ids[synthetic_study.CONCAT]
     open_page(page, app, "Query explorer", params=f"dataset={quote(source, safe='')}&methods={single},{concat}")
     assert problems(page) == []
     main = page.locator("[data-testid=stMain]")
