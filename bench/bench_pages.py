@@ -16,7 +16,7 @@ synthetic queries (default 50,000):
                     --lists-dims random dims), then the same lists: what an ad-hoc method costs;
   lists_ratio       computed / stored, both measured in this process.
 With --synthetic, the users' scale instead (bench/synthetic_study.py: 50,000 eval queries, 1,000 classes, the
-real evaluate and sweep jobs on synthetic embeddings; built once in --workspace, default
+real evaluate and weights-chosen-on-train jobs on synthetic embeddings; built once in --workspace, default
 /tmp/ensemble-bench-synthetic), in the browser:
   explorer_lists_s  each query explorer list (ensemble fixed / broke, hardest, per class) from a click on it
                     until its table is drawn, median of --repeats (the lists of a model and the concatenation);

@@ -1,9 +1,12 @@
 """A study at the users' scale without extraction: 50,000 queries, 1,000 classes, stored results.
 
-Writes small ImageNet-like JPEGs (bench.imagenet_like at --scale, thumbnails only) as an ImageFolder,
-puts synthetic class-structured embeddings for two models straight into the workspace's embedding
-cache (as if extracted), then runs the real evaluate and sweep jobs (core.tasks.run_job) on them, so
-results, per-query scores and the dashboard's caches are what a 50,000-image study leaves behind.
+Writes small ImageNet-like JPEGs (bench.imagenet_like at --scale, thumbnails only) as an ImageFolder with
+eval/ (--per-class a class) and train/ (TRAIN_PER_CLASS a class) splits, puts synthetic class-structured
+embeddings for two models straight into the workspace's embedding cache (as if extracted), then runs the
+real evaluate and weights-chosen-on-train jobs (core.tasks.run_job) on them, so results, per-query scores
+and the dashboard's caches are what a 50,000-query study leaves behind. (Choosing the weights on the
+train split scores one concatenation on eval; an oracle sweep of the same grid takes 84 s more on two
+cores, as its candidate lists are built for grids of hundreds of vectors.)
 
 The two models see each class with their own strength (one is better on some classes, the other on
 others) and with independent noise, so the concatenation beats both and the explorer's "fixed",
@@ -18,6 +21,7 @@ bench/bench_pages.py --synthetic.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,7 +30,7 @@ import numpy as np
 from bench.imagenet_like import write_imagenet_like
 from core import catalog, db
 from core.cache import EmbeddingCache
-from core.configs import EvaluateConfig, SweepConfig
+from core.configs import EvaluateConfig, SelectWeightsConfig
 from core.datasets import open_dataset
 from core.models import cache_key_for
 from core.progress import SILENT
@@ -37,6 +41,7 @@ MODELS = ("random:test_efficientnet", "random:test_resnet")
 DIMS = (64, 48)
 K = 50
 WEIGHTS = (0, 1)  # the two models and their concatenation: what the lists compare
+TRAIN_PER_CLASS = 10
 CONCAT = "test_efficientnet(1)+test_resnet(1)"  # the concatenation's method label
 
 
@@ -54,11 +59,22 @@ def build(workspace: Path, classes: int = 1000, per_class: int = 50, seed: int =
     """The prepared workspace's dataset source (its image folder); a workspace built with the same
     arguments (marker file) is reused as it is."""
     ws = Workspace.open(workspace)
-    source = ws.root / f"images-{classes}x{per_class}-s{seed}"
-    marker = ws.root / f".synthetic-{classes}x{per_class}-s{seed}-k{K}"
+    source = ws.root / f"images-{classes}x{per_class}+{TRAIN_PER_CLASS}-s{seed}"
+    marker = ws.root / f".synthetic-{source.name}-k{K}"
     if marker.exists():
         return str(source)
-    write_imagenet_like(source, classes, per_class, seed=seed, scale=scale, workers=workers)
+    if not source.is_dir():
+        # One class field per class for both splits: write them together, then move each class's last
+        # TRAIN_PER_CLASS images to train/ (the same seed and index would repeat an eval image).
+        partial = ws.root / f"{source.name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)  # an interrupted build starts over
+        write_imagenet_like(partial / "eval", classes, per_class + TRAIN_PER_CLASS, seed=seed, scale=scale,
+                            workers=workers)
+        for folder in sorted((partial / "eval").iterdir()):
+            (partial / "train" / folder.name).mkdir(parents=True)
+            for image in sorted(folder.iterdir())[per_class:]:
+                image.rename(partial / "train" / folder.name / image.name)
+        partial.rename(source)
     imageset = open_dataset(str(source), ws)
     engine = db.make_engine(ws.db_url)
     db.init_db(engine)
@@ -69,13 +85,13 @@ def build(workspace: Path, classes: int = 1000, per_class: int = 50, seed: int =
         cache.put(imageset.fingerprint, model, cache_key_for(model), embeddings(labels, classes, dim, seed + 1 + i))
     common = {"dataset": str(source), "models": MODELS, "k": K}
     run_job("evaluate", EvaluateConfig(**common).to_dict(), SILENT, ws, engine)
-    run_job("sweep", SweepConfig(**common, weights=WEIGHTS).to_dict(), SILENT, ws, engine)
+    run_job("select_weights", SelectWeightsConfig(**common, weights=WEIGHTS).to_dict(), SILENT, ws, engine)
     marker.touch()
     return str(source)
 
 
 def result_ids(workspace: Path) -> dict[str, int]:
-    """The first result of each method label (a model's evaluation, not the sweep's vector of it alone)."""
+    """The first result of each method label."""
     engine = db.make_engine(Workspace.open(workspace).db_url)
     try:
         with db.read_session(engine) as session:

@@ -1,5 +1,5 @@
 """The users' scale in Chromium: 50,000 eval queries in 1,000 classes (bench/synthetic_study.py: small JPEGs,
-synthetic embeddings, the real evaluate and sweep jobs). The query explorer's lists read the per-query scores
+synthetic embeddings, the real evaluate and weights-chosen-on-train jobs). The query explorer's lists read the per-query scores
 stored with the results (nothing searches 50,000 queries in the page) and the embedding map draws all 50,000
 points with WebGL. How long each takes is measured by `bench/bench_pages.py --synthetic`, not asserted here.
 
