@@ -116,6 +116,7 @@ def _umap(x: np.ndarray, seed: int, reporter: Reporter) -> np.ndarray:
         reporter.progress(0.1, f"UMAP on the GPU (cuML), {len(x):,} points")
         coords = CumlUMAP(n_components=2, n_neighbors=n_neighbors, random_state=seed).fit_transform(x)
         return np.asarray(coords, dtype=np.float32)
+    reporter.progress(0.03, "UMAP: loading umap-learn (a worker's first map also compiles it: about a minute)")
     import umap
     reporter.progress(0.05, f"UMAP: finding the {n_neighbors} nearest neighbours of {len(x):,} points")
     layout = _EpochProgress(reporter, 0.3, 0.99)
