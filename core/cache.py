@@ -35,6 +35,7 @@ import shutil
 import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -71,6 +72,12 @@ class EmbeddingSet:
         Verified against the checksum on the first load in this process (CorruptEmbeddings if not)."""
         _verify(self)
         return np.load(self.path, mmap_mode="r")
+
+
+def files_state(arrays: Mapping[str, np.ndarray]) -> list[tuple[str, str, int]]:
+    """(name, file, mtime in ns) of each memory-mapped array (EmbeddingSet.load), sorted: what a value
+    computed from them depends on, so a re-extraction (or another set's files) makes it stale."""
+    return sorted((name, str(a.filename), os.stat(a.filename).st_mtime_ns) for name, a in arrays.items())
 
 
 def _blocks(array: np.ndarray):

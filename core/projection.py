@@ -6,10 +6,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +51,15 @@ def sample_positions(labels: np.ndarray, max_points: int, seed: int = 0) -> np.n
     if len(positions) > max_points:  # rounding small classes up to one point can overshoot: drop some at random
         positions = rng.choice(positions, size=max_points, replace=False)
     return np.sort(positions)
+
+
+def draw(embeddings: np.ndarray, labels: np.ndarray, method: str, max_points: int, seed: int = 0,
+         reporter: Reporter = SILENT) -> tuple[np.ndarray, np.ndarray]:
+    """A map of at most `max_points` rows of `embeddings`, sampled per label (sample_positions): (positions,
+    their 2-D coordinates). The page's PCA and the job's UMAP both draw through here, so a stored map's
+    positions are the ones the page would sample."""
+    positions = sample_positions(labels, max_points, seed)
+    return positions, project(np.asarray(embeddings)[positions], method, seed, reporter)
 
 
 def project(embeddings: np.ndarray, method: str = "pca", seed: int = 0, reporter: Reporter = SILENT) -> np.ndarray:
@@ -128,22 +136,14 @@ def _umap(x: np.ndarray, seed: int, reporter: Reporter) -> np.ndarray:
 
 # --- maps kept in the workspace -------------------------------------------------------------------------
 
-def map_key(dataset_fingerprint: str, method: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
+def map_key(dataset_fingerprint: str, method: Mapping[str, Any], files: Sequence[tuple[str, str, int]],
             projection: str, max_points: int, seed: int = 0) -> str:
     """Names a map by everything it depends on: the dataset, the method, the state of each embedding file
-    it reads (a re-extraction is a new map), the projection, the number of points and the seed."""
-    files = sorted((name, str(getattr(a, "filename", "") or ""), _mtime(getattr(a, "filename", None)))
-                   for name, a in arrays.items())
-    text = json.dumps([dataset_fingerprint, dict(method), files, projection, int(max_points), int(seed)],
-                      sort_keys=True, default=str)
+    it reads (core.cache.files_state: a re-extraction is a new map), the projection, the number of points
+    and the seed."""
+    text = json.dumps([dataset_fingerprint, dict(method), [list(f) for f in files], projection, int(max_points),
+                       int(seed)], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def _mtime(path: str | None) -> int:
-    try:
-        return os.stat(path).st_mtime_ns if path else 0
-    except OSError:
-        return 0
 
 
 def map_path(workspace: Workspace, key: str) -> Path:

@@ -18,7 +18,7 @@ import numpy as np
 from sqlalchemy import Engine
 
 from core import db
-from core.cache import EmbeddingCache, EmbeddingSet
+from core.cache import EmbeddingCache, EmbeddingSet, files_state
 from core.configs import (ComplementarityConfig, EvaluateConfig, ExtractConfig, FuseConfig, MapConfig,
                           SelectWeightsConfig, Settings, SweepConfig, TrainHeadConfig)
 from core.datasets import PROTOCOL_SPLIT, ImageSet, open_dataset
@@ -34,7 +34,7 @@ from core.complementarity import complementarity
 from core.ensemble_search import select_weights as search_weights
 from core.selection import weights_chosen_on_train
 from core.progress import JobCancelled, Reporter
-from core.projection import map_key, project, sample_positions, save_map
+from core.projection import draw, map_key, save_map
 from core.sweep import grid_sweep, random_sweep
 from core.workspace import Workspace
 
@@ -365,10 +365,11 @@ def embedding_map(config: MapConfig, reporter: Reporter, workspace: Workspace, e
     imageset = open_dataset(config.dataset, workspace, limit_per_class=config.limit_per_class)
     method = config.method
     arrays, rows = query_arrays(EmbeddingCache(workspace.embeddings), imageset, list(method.used_models))
-    positions = sample_positions(imageset.labels[imageset.protocol_rows("image")[1]], config.max_points, config.seed)
     reporter.progress(0.01, f"building the embeddings of {method.label}")
-    coords = project(method.embeddings(arrays, rows)[positions], config.projection, config.seed, reporter)
-    key = map_key(imageset.fingerprint, method.to_dict(), arrays, config.projection, config.max_points, config.seed)
+    positions, coords = draw(method.embeddings(arrays, rows), imageset.labels[imageset.protocol_rows("image")[1]],
+                             config.projection, config.max_points, config.seed, reporter)
+    key = map_key(imageset.fingerprint, method.to_dict(), files_state(arrays), config.projection, config.max_points,
+                  config.seed)
     save_map(workspace, key, positions, coords)
     reporter.progress(1.0, f"{config.projection.upper()} map of {len(positions):,} points saved")
     return None

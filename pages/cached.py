@@ -7,7 +7,6 @@ not a stale one. The computations themselves are core's (named in each function)
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
@@ -15,12 +14,13 @@ import streamlit as st
 
 from core import db, views
 from core import leaderboard as lb
+from core.cache import files_state
 from core.datasets import PROTOCOL_SPLIT, ImageSet, open_dataset
 from core.explorer import query_scores
 from core.extract import query_arrays
 from core.methods import Method
 from core.metrics import QueryScores, depth_needed, query_scores_from_ranking, relevant_counts
-from core.projection import load_map, map_key, project, sample_positions
+from core.projection import draw, load_map, map_key
 from core.scores import load_query_scores
 from core.thumbnails import thumbnail_path
 from core.workspace import Workspace
@@ -104,8 +104,7 @@ def _key(imageset: ImageSet, method: Method, protocol: str) -> str:
     """The dataset, the method, the protocol and the state of each embedding file the method reads (a
     re-extraction, or the whole set replacing the eval split's own, is a new key)."""
     arrays, _ = _arrays(imageset, method, protocol)
-    files = sorted((name, a.filename, os.stat(a.filename).st_mtime_ns) for name, a in arrays.items())
-    return f"{imageset.fingerprint}|{protocol}|{method.to_dict()}|{files}"
+    return f"{imageset.fingerprint}|{protocol}|{method.to_dict()}|{files_state(arrays)}"
 
 
 @st.cache_resource(show_spinner="Building the method's embeddings ...", max_entries=4)  # 50k x 5k floats = 1 GB
@@ -192,8 +191,7 @@ def list_scores(imageset: ImageSet, picked: Sequence[views.MethodOption], k: int
 
 @st.cache_resource(show_spinner="Projecting to 2-D ...", max_entries=8)
 def _pca_map(key: str, max_points: int, _imageset: ImageSet, _method: Method):
-    positions = sample_positions(_imageset.labels[eval_rows(_imageset)], max_points)
-    return positions, project(method_embeddings(_imageset, _method)[positions], "pca")
+    return draw(method_embeddings(_imageset, _method), _imageset.labels[eval_rows(_imageset)], "pca", max_points)
 
 
 def pca_map(imageset: ImageSet, method: Method, max_points: int) -> tuple[np.ndarray, np.ndarray]:
@@ -205,7 +203,8 @@ def stored_map(imageset: ImageSet, method: Method, how: str, max_points: int
                ) -> tuple[np.ndarray, np.ndarray] | None:
     """A map computed by an embedding_map job (core.projection.load_map), or None when there is none yet."""
     arrays, _ = _arrays(imageset, method, "image")
-    return load_map(state.workspace(), map_key(imageset.fingerprint, method.to_dict(), arrays, how, int(max_points)))
+    key = map_key(imageset.fingerprint, method.to_dict(), files_state(arrays), how, int(max_points))
+    return load_map(state.workspace(), key)
 
 
 @st.cache_resource(show_spinner="Loading the model for uploads ...", max_entries=8)

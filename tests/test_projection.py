@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from core import projection
+from core.cache import files_state
 from core.progress import JobCancelled, Reporter
 from core.vectors import l2_normalize
 from core.workspace import Workspace
@@ -94,15 +95,15 @@ def test_a_stored_map_round_trips_and_garbage_reads_as_no_map(tmp_path):
 def test_the_map_key_changes_with_each_thing_the_map_depends_on(tmp_path):
     path = tmp_path / "a.npy"
     np.save(path, np.ones((4, 2), dtype=np.float32))
-    arrays = {"m": np.load(path, mmap_mode="r")}
+    files = files_state({"m": np.load(path, mmap_mode="r")})
     method = {"kind": "single", "models": ["m"]}
-    key = projection.map_key("fp", method, arrays, "umap", 100)
-    assert key == projection.map_key("fp", dict(method), {"m": np.load(path, mmap_mode="r")}, "umap", 100)
-    others = [projection.map_key("fp2", method, arrays, "umap", 100),
-              projection.map_key("fp", {**method, "models": ["n"]}, arrays, "umap", 100),
-              projection.map_key("fp", method, arrays, "pca", 100),
-              projection.map_key("fp", method, arrays, "umap", 101),
-              projection.map_key("fp", method, arrays, "umap", 100, seed=1)]
+    key = projection.map_key("fp", method, files, "umap", 100)
+    assert key == projection.map_key("fp", dict(method), files_state({"m": np.load(path, mmap_mode="r")}), "umap", 100)
+    others = [projection.map_key("fp2", method, files, "umap", 100),
+              projection.map_key("fp", {**method, "models": ["n"]}, files, "umap", 100),
+              projection.map_key("fp", method, files, "pca", 100),
+              projection.map_key("fp", method, files, "umap", 101),
+              projection.map_key("fp", method, files, "umap", 100, seed=1)]
     os.utime(path, ns=(1, 1))  # re-extracted embeddings: a new map
-    others.append(projection.map_key("fp", method, {"m": np.load(path, mmap_mode="r")}, "umap", 100))
+    others.append(projection.map_key("fp", method, files_state({"m": np.load(path, mmap_mode="r")}), "umap", 100))
     assert len({key, *others}) == len(others) + 1

@@ -230,7 +230,7 @@ def test_eval_only_jobs_score_the_same_queries_and_extraction_records_each_model
 
 
 def test_map_job_draws_cached_embeddings_only_and_keeps_the_map(engine, tmp_path):
-    from core.cache import EmbeddingCache
+    from core.cache import EmbeddingCache, files_state
     from core.configs import MapConfig
     from core.datasets import open_dataset
     from core.extract import MissingEmbeddings, query_arrays
@@ -251,7 +251,8 @@ def test_map_job_draws_cached_embeddings_only_and_keeps_the_map(engine, tmp_path
     assert run_job("embedding_map", params, Reporter(on_progress=lambda f, m: seen.append(f)), workspace, eng) is None
     imageset = open_dataset(folder, workspace)
     arrays, rows = query_arrays(EmbeddingCache(workspace.embeddings), imageset, [MODELS[0]])
-    positions, coords = load_map(workspace, map_key(imageset.fingerprint, method.to_dict(), arrays, "pca", 100))
+    key = map_key(imageset.fingerprint, method.to_dict(), files_state(arrays), "pca", 100)
+    positions, coords = load_map(workspace, key)
     assert list(positions) == list(range(12)) and coords.shape == (12, 2) and np.isfinite(coords).all()
     assert seen[-1] == 1.0
     assert len(runs(eng)) == 1  # the evaluation's: a map is a picture, not a run
