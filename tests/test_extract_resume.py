@@ -70,6 +70,12 @@ def counted(monkeypatch):
     return embedded, decoded
 
 
+def assert_same_embeddings(actual, expected):
+    """Equal up to float32 rounding: CPU kernels may round differently between processes and runs (2e-6 was
+    seen), while a lost, repeated or shifted row differs by far more than this."""
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
 def shard_markers(cache_root: Path) -> list[str]:
     return sorted(marker.name for marker in cache_root.glob("*.parts/*.json"))
 
@@ -96,7 +102,7 @@ def test_cancel_keeps_finished_shards_and_the_next_run_computes_only_the_rest(fo
     messages = []
     result = extract(imageset, [MODEL], cache, reporter=Reporter(on_progress=lambda f, m: messages.append(m)))
     assert embedded == {MODEL: 24} and decoded == list(range(16, 40))
-    np.testing.assert_array_equal(result[MODEL].load(), one_shot[MODEL])
+    assert_same_embeddings(result[MODEL].load(), one_shot[MODEL])
     assert any("resuming, 16/40 images" in m for m in messages)
     assert any(m.startswith(f"{MODEL}: 40/40 images, ") and " img/s, ETA " in m for m in messages)
     assert shard_markers(tmp_path) == [] and not list(tmp_path.glob("*.parts"))
@@ -118,7 +124,7 @@ def test_each_batch_is_decoded_once_for_every_model_that_misses_its_shard(folder
     assert decoded == list(range(40))
     assert embedded == {MODEL: 24, OTHER: 40}
     for name in (MODEL, OTHER):
-        np.testing.assert_array_equal(result[name].load(), one_shot[name])
+        assert_same_embeddings(result[name].load(), one_shot[name])
 
 
 def test_force_recomputes_everything(folder, one_shot, counted, tmp_path):
@@ -130,7 +136,7 @@ def test_force_recomputes_everything(folder, one_shot, counted, tmp_path):
     assert embedded == {}
     result = extract(imageset, [MODEL], cache, force=True)
     assert embedded == {MODEL: 40}
-    np.testing.assert_array_equal(result[MODEL].load(), one_shot[MODEL])
+    assert_same_embeddings(result[MODEL].load(), one_shot[MODEL])
 
 
 # Runs extract_embeddings in a real process with a model slowed down (0.2 s per batch) so that the test can
@@ -181,5 +187,5 @@ def test_a_killed_extraction_process_resumes_from_its_committed_shards(folder, o
 
     result = extract(imageset, [MODEL], cache)
     assert embedded == {MODEL: 40 - done_rows} and decoded == list(range(done_rows, 40))
-    np.testing.assert_array_equal(result[MODEL].load(), one_shot[MODEL])
+    assert_same_embeddings(result[MODEL].load(), one_shot[MODEL])
     assert not list(cache_root.glob("*.parts"))
