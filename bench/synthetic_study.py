@@ -4,9 +4,7 @@ Writes small ImageNet-like JPEGs (bench.imagenet_like at --scale, thumbnails onl
 eval/ (--per-class a class) and train/ (TRAIN_PER_CLASS a class) splits, puts synthetic class-structured
 embeddings for two models straight into the workspace's embedding cache (as if extracted), then runs the
 real evaluate and weights-chosen-on-train jobs (core.tasks.run_job) on them, so results, per-query scores
-and the dashboard's caches are what a 50,000-query study leaves behind. (Choosing the weights on the
-train split scores one concatenation on eval; an oracle sweep of the same grid takes 84 s more on two
-cores, as its candidate lists are built for grids of hundreds of vectors.)
+and the dashboard's caches are what a 50,000-query study leaves behind.
 
 The two models see each class with their own strength (one is better on some classes, the other on
 others) and with independent noise, so the concatenation beats both and the explorer's "fixed",

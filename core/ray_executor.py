@@ -44,7 +44,7 @@ from core.metrics import QueryScores, depth_needed, query_scores_from_ranking, r
 from core.models import ModelError, cache_key_for, load_model
 from core.progress import SILENT, Reporter
 from core.search import top_k
-from core.sweep import WeightGrid, WeightedConcatScorer
+from core.sweep import WeightGrid, score_once
 from core.tasks import Compute, run_job
 from core.vectors import l2_normalize
 from core.workspace import Workspace
@@ -356,8 +356,7 @@ def _collect(ray, pending: dict, reporter: Reporter, report: Callable[[int, int]
 
 def _score_share(embeddings: list[np.ndarray], labels: np.ndarray, k: int, vectors: list[tuple]) -> tuple[list[dict], str]:
     """A Ray task: the exact scorer (core.sweep) over every model, for its share of the weight vectors."""
-    scorer = WeightedConcatScorer(embeddings, labels, k)
-    return scorer.score(np.array(vectors)), ray_module().get_runtime_context().get_node_id()
+    return score_once(embeddings, labels, np.array(vectors), k), ray_module().get_runtime_context().get_node_id()
 
 
 def sweep_on_ray(embeddings: Sequence[np.ndarray], labels: np.ndarray, weights: Sequence[float], k: int, *,

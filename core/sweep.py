@@ -10,8 +10,8 @@ sum_i w_i^2 cos_i(q, j) (the concatenation's norm is the same for every row). So
     similarity tau_i(q). Anything outside every list scores at most sum_i w_i^2 tau_i(q), so when the
     depth-th best candidate beats that bound the candidates' ranking *is* the exact top; a
     (query, weights) pair that is not certified is ranked over the whole gallery instead. Level 0 is
-    built once with the scorer; deeper levels are built per block from its similarity rows. Costs
-    |candidates| per pair, plus a full row per uncertified pair.
+    built once per scorer (`prepare`), with every level's bound; deeper levels are built per block from
+    its similarity rows. Costs |candidates| per pair, plus a full row per uncertified pair.
   * dense: each model's block x N similarity block once, fused by every weight vector, exact top over
     the gallery. Costs N per pair, whatever the models do.
 When models agree, level 0 certifies nearly every pair. When they disagree, few pairs certify at
@@ -32,6 +32,10 @@ the others (a fallback pair costs what a dense pair does; M selections over the 
 query's deeper lists; a gallery element costs what a candidate does). The first block runs level 0
 and there are at least MIN_BLOCKS blocks, so what it teaches is used. Every path is exact, so the
 choice changes the time, never a number.
+
+A small grid scored once (`score_once`) builds no candidates: building them costs each model about what
+ranking DENSE_VECTORS_PER_MODEL weight vectors over the gallery does, so a grid with no more vectors than
+that per model (an oracle sweep of weights (0, 1) over two models: three vectors) is ranked densely.
 
 Ties are ranked by (-score, gallery index) on every path, as everywhere (DESIGN.md).
 """
@@ -77,6 +81,10 @@ KEEP_BYTES = {"cpu": 2 * 2**30, "cuda": 8 * 2**30}
 # A query's similarity to itself in a block's rows: below any cosine, so it never ranks, and finite,
 # so a zero weight times it is 0 (not NaN).
 SELF_SCORE = -4.0
+# A grid scored once with at most this many weight vectors per model is ranked densely (score_once):
+# at 50,000 queries on 2 cores building candidates cost about 20 s per model and dense ranking 7-9 s
+# per vector; dense was still ahead at 4 vectors per model (bench/RESULTS.md, "Small grids").
+DENSE_VECTORS_PER_MODEL = 2
 PATHS = ("auto", "candidates", "dense")
 PARTS = ("candidate", "dense", "pair", "fallback", "similarity", "lists")  # the timed parts of PathCosts
 
@@ -175,11 +183,11 @@ def _gather_lists(union: torch.Tensor, blocks: Sequence[torch.Tensor], labels: t
 class WeightedConcatScorer:
     """Scores any number of weight vectors for a fixed set of models, labels and k, exactly.
 
-    Built once per (embeddings, labels, k): the level-0 candidate lists, their per-model
-    similarities, and every level's bound; then `score` chooses per query block between candidate
-    levels and dense streaming (module docstring). `path` forces one path: "candidates" (level 0
-    with full-gallery fallbacks) or "dense"; `block_rows` sets the queries per block (default:
-    QUERY_BLOCK_ELEMENTS / N, at most N / MIN_BLOCKS).
+    One per (embeddings, labels, k). `score` chooses per query block between candidate levels and
+    dense streaming (module docstring); the level-0 candidate lists, their per-model similarities and
+    every level's bound are built once (`prepare`), by the first call. `path` forces one path:
+    "candidates" (level 0 with full-gallery fallbacks) or "dense" (which builds no candidates);
+    `block_rows` sets the queries per block (default: QUERY_BLOCK_ELEMENTS / N, at most N / MIN_BLOCKS).
     """
 
     def __init__(self, embeddings: Sequence[np.ndarray], labels: np.ndarray, k: int = 50, *,
@@ -219,27 +227,30 @@ class WeightedConcatScorer:
         while (len(self.list_depths) <= MAX_LEVELS and 2 * self.list_depths[-1] * len(self.models) <= n
                and 2 * self.list_depths[-1] < n - 1):
             self.list_depths.append(2 * self.list_depths[-1])
-        self._build_candidates()
+        self.lists: _Lists | None = None  # level 0, built by prepare()
         scale = 16 if self.device.type == "cuda" else 1  # a GPU wants bigger blocks and has the memory
         self.chunk_elements = CHUNK_ELEMENTS[self.device.type]
         self.block_rows = int(block_rows or max(1, min(-(-n // MIN_BLOCKS), scale * QUERY_BLOCK_ELEMENTS // n)))
-        width = float(self.valid.sum()) / n
+        # Candidates per query at each level: at most every model's list, until prepare() counts level 0.
         self.costs = PathCosts(gallery=n, models=len(self.models),
-                               widths=[min(n - 1.0, width * d / first) for d in self.list_depths])
+                               widths=[min(n - 1.0, len(self.models) * d) for d in self.list_depths])
         self.kept: dict[int, torch.Tensor] = {}  # query block start -> M x b x N similarity rows (KEEP_BYTES)
         self.scored_before = False
         self.n_uncertified = 0  # (query, weights) pairs whose level-0 candidates could not be certified
         self.blocks = {"candidates": 0, "dense": 0}  # query blocks scored by each path
         self.level_blocks = [0] * len(self.list_depths)  # candidate blocks at each level
 
-    def _build_candidates(self) -> None:
-        """Level 0 for every query: the union of each model's top-K_0 list and every model's
+    def prepare(self, reporter: Reporter = SILENT) -> None:
+        """Build level 0 for every query, once: the union of each model's top-K_0 list and every model's
         similarity to it; and every level's bound tau (the K_l-th similarity of each model).
 
         Works on query chunks of each model's full similarity block, so candidates and their
         similarities come from one matmul per model (this is why it does not call search.top_k,
         which returns lists without the blocks to read the other models' similarities from).
         """
+        if self.lists is not None:
+            return
+        reporter.progress(0.0, f"preparing candidates for {len(self.models)} models")
         n, m_count = self.n, len(self.models)
         full = self.list_depths[0] >= n - 1  # every list holds the whole gallery: nothing lies outside
         # -2 is below any cosine: the bound of a list that leaves nothing outside.
@@ -247,6 +258,7 @@ class WeightedConcatScorer:
         chunks = []
         rows = max(1, CHUNK_BYTES // (4 * n * m_count))
         for s in range(0, n, rows):
+            reporter.check_cancel()
             queries = torch.arange(s, min(n, s + rows), device=self.device)
             blocks = []
             ids = []
@@ -267,12 +279,13 @@ class WeightedConcatScorer:
             return torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=value)
 
         # M x n x C, so one matmul fuses a block for many weight vectors; 0 at padding (masked later).
-        self.similarities = torch.cat([padded(c.sims, 0.0) for c in chunks], dim=1).contiguous()
-        self.valid = torch.cat([padded(c.valid, False) for c in chunks])
-        self.relevant = torch.cat([padded(c.relevant, False) for c in chunks])
-        self.tau = tau[:, :, 0].contiguous()
+        valid = torch.cat([padded(c.valid, False) for c in chunks])
         self.tau_levels = tau
-        self.lists = _Lists(self.similarities, self.valid, self.relevant, self.tau)
+        self.lists = _Lists(torch.cat([padded(c.sims, 0.0) for c in chunks], dim=1).contiguous(), valid,
+                            torch.cat([padded(c.relevant, False) for c in chunks]), tau[:, :, 0].contiguous())
+        width = float(valid.sum()) / n
+        # In place: the costs object may be one a caller chose (tests force paths through it).
+        self.costs.widths[:] = [min(n - 1.0, width * d / self.list_depths[0]) for d in self.list_depths]
 
     def score(self, weights: np.ndarray, reporter: Reporter = SILENT) -> list[dict]:
         """Metrics (METRIC_KEYS + n_queries, n_excluded) of each row of `weights` (W x M)."""
@@ -283,6 +296,8 @@ class WeightedConcatScorer:
             raise MetricsError("weights must be non-negative with at least one non-zero per vector")
         squared = torch.as_tensor(w ** 2, dtype=torch.float32, device=self.device)  # cos weights
         totals = torch.zeros((len(w), len(METRIC_KEYS)), dtype=torch.float64, device=self.device)
+        if self.path != "dense":
+            self.prepare(reporter)
         for start in range(0, self.n, self.block_rows):
             reporter.check_cancel()
             stop = min(self.n, start + self.block_rows)
@@ -297,7 +312,8 @@ class WeightedConcatScorer:
                 block.candidates(level)
                 self.level_blocks[level] += 1
             self.blocks[path] += 1
-            self._observe(block)
+            if self.lists is not None:  # the bounds come with the candidates
+                self._observe(block)
             reporter.progress(stop / self.n, f"scored {stop}/{self.n} queries for {len(w)} weight vectors")
         self.scored_before = True
         n_valid = int((self.n_relevant > 0).sum())
@@ -509,9 +525,16 @@ def grid_sweep(embeddings: list[np.ndarray], labels: np.ndarray, weights=(0, 1, 
     """
     reporter = reporter or SILENT
     grid = WeightGrid(weights, len(embeddings))
-    reporter.progress(0.0, f"preparing candidates for {len(embeddings)} models")
-    scorer = WeightedConcatScorer(embeddings, labels, k, device=device)
-    return grid.rows(scorer.score(np.array(grid.scored), reporter))
+    return grid.rows(score_once(embeddings, labels, np.array(grid.scored), k, reporter=reporter, device=device))
+
+
+def score_once(embeddings: Sequence[np.ndarray], labels: np.ndarray, weights: np.ndarray, k: int, *,
+               reporter: Reporter = SILENT, device: str | None = None) -> list[dict]:
+    """Metrics of each row of `weights` (W x M), from a scorer used for this one call: a grid of at most
+    DENSE_VECTORS_PER_MODEL vectors per model is ranked densely, as its candidates would cost more than
+    they save; a larger one takes the adaptive path."""
+    path = "dense" if len(weights) <= DENSE_VECTORS_PER_MODEL * len(embeddings) else "auto"
+    return WeightedConcatScorer(embeddings, labels, k, device=device, path=path).score(weights, reporter)
 
 
 class WeightGrid:

@@ -8,7 +8,7 @@ from core.fusion import weighted_concat
 from core.metrics import MetricsError, evaluate
 from core.progress import JobCancelled, Reporter
 from core.methods import concat_label
-from core.sweep import PathCosts, WeightedConcatScorer, grid_sweep, random_sweep
+from core.sweep import PathCosts, WeightedConcatScorer, grid_sweep, random_sweep, score_once
 from core.vectors import ratio_class
 from tests.reference import quantised_embeddings, reference_sweep_metrics
 
@@ -195,12 +195,30 @@ def test_every_path_is_exact_on_disagreeing_models(path):
     got = scorer.score(WEIGHTS_3)
     assert_like_reference(got, embeddings, labels, WEIGHTS_3, 10)
     pairs = len(WEIGHTS_3) * len(labels)
-    assert 0 < scorer.n_uncertified < pairs  # level 0 certifies some pairs, not all
+    if path == "dense":
+        assert scorer.lists is None and scorer.n_uncertified == 0  # no candidates, so no bounds to check
+    else:
+        assert 0 < scorer.n_uncertified < pairs  # level 0 certifies some pairs, not all
     expected = {"candidates": ({"candidates": 6, "dense": 0}, [6, 0, 0]),
                 "dense": ({"candidates": 0, "dense": 6}, [0, 0, 0]),
                 "cycle": ({"candidates": 4, "dense": 2}, [2, 1, 1])}
     if path in expected:
         assert (scorer.blocks, scorer.level_blocks) == expected[path]
+
+
+def test_a_grid_scored_once_builds_candidates_only_above_two_vectors_a_model(monkeypatch):
+    """score_once (what grid_sweep and the Ray sweep's tasks call): up to 2 vectors a model (here 6 over 3
+    models) are ranked densely without candidate lists, 7 build them; both exact."""
+    rng = np.random.default_rng(21)
+    embeddings, labels = disagreeing_models(rng)
+    built = []
+    prepare = WeightedConcatScorer.prepare
+    monkeypatch.setattr(WeightedConcatScorer, "prepare", lambda self, *a: (built.append(self.path), prepare(self, *a)))
+    more = np.vstack([WEIGHTS_3, [[3, 1, 2]]])
+    assert_like_reference(score_once(embeddings, labels, WEIGHTS_3, 10), embeddings, labels, WEIGHTS_3, 10)
+    assert built == []
+    assert_like_reference(score_once(embeddings, labels, more, 10), embeddings, labels, more, 10)
+    assert built == ["auto"]
 
 
 @pytest.mark.parametrize("path", ["candidates", "dense", "cycle"])
