@@ -58,6 +58,11 @@ class Workspace:
         return self.folder("heads")
 
     @property
+    def probes(self) -> Path:
+        """What opening each dataset learned of its files (core.datasets), so the next open reads only changes."""
+        return self.folder("probes")
+
+    @property
     def db_url(self) -> str:
         """$ENSEMBLE_DB_URL (any SQLAlchemy URL, e.g. PostgreSQL shared by several workers), else SQLite here."""
         return os.environ.get("ENSEMBLE_DB_URL") or f"sqlite:///{self.root / 'runs.db'}"

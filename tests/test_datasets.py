@@ -175,3 +175,60 @@ def test_demo_without_debian_files_or_network_says_apt_get(workspace, monkeypatc
     with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist"):
         open_demo(workspace, eval_per_class=1, train_per_class=0)
     assert not (workspace.datasets / "fashion-mnist" / "eval1-train0").exists()
+
+
+def same_imageset(a, b) -> bool:
+    return (a.paths, a.class_names, a.fingerprint, a.hashes, a.skipped, a.duplicates) == (
+        b.paths, b.class_names, b.fingerprint, b.hashes, b.skipped, b.duplicates) and (
+        np.array_equal(a.labels, b.labels) and np.array_equal(a.splits, b.splits))
+
+
+@pytest.fixture
+def counted_probes(monkeypatch):
+    """The paths whose bytes an open reads (hash, end markers, verify)."""
+    read = []
+    real = datasets._probe
+    monkeypatch.setattr(datasets, "_probe", lambda path, info: (read.append(path), real(path, info))[1])
+    return read
+
+
+def test_a_reopened_dataset_reads_only_the_files_that_changed(image_folder, tmp_path, counted_probes):
+    probes = tmp_path / "probes"
+    first = open_image_folder(image_folder, probes=probes)
+    assert len(counted_probes) == 12
+    counted_probes.clear()
+    assert same_imageset(open_image_folder(image_folder, probes=probes), first) and counted_probes == []
+
+    # One byte of an image's pixel data flipped, its size unchanged and its mtime set back: the ctime still
+    # moved, so it is read again and found broken, as an open that keeps nothing finds it.
+    broken = sorted(image_folder.glob("dog/*.png"))[1]
+    data, before = bytearray(broken.read_bytes()), broken.stat()
+    data[len(data) // 2] ^= 0xFF
+    broken.write_bytes(bytes(data))
+    os.utime(broken, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert broken.stat().st_size == before.st_size
+    again = open_image_folder(image_folder, probes=probes)
+    assert counted_probes == [str(broken)]
+    assert same_imageset(again, open_image_folder(image_folder))
+    assert [s.path for s in again.skipped] == [str(broken)] and len(again) == 11
+    counted_probes.clear()
+    open_image_folder(image_folder, probes=probes)
+    assert counted_probes == [str(broken)]  # an unreadable file is not kept: it is read at every open
+
+
+@pytest.mark.parametrize("garbage", ["not json", '{"x": [1, 2]}', '[]', '{"x": [1, 2, 3, 4, 5, "a", "b", 7]}'])
+def test_a_garbled_probe_file_is_ignored(image_folder, tmp_path, counted_probes, garbage):
+    probes = tmp_path / "probes"
+    reference = open_image_folder(image_folder, probes=probes)
+    (stored,) = probes.iterdir()
+    stored.write_text(garbage)
+    counted_probes.clear()
+    assert same_imageset(open_image_folder(image_folder, probes=probes), reference)
+    assert len(counted_probes) == 12
+
+
+def test_open_dataset_keeps_probes_in_the_workspace(image_folder, workspace, counted_probes):
+    open_dataset(str(image_folder), workspace)
+    counted_probes.clear()
+    open_dataset(str(image_folder), workspace)
+    assert counted_probes == [] and len(list(workspace.probes.iterdir())) == 1
