@@ -360,8 +360,11 @@ def test_embedding_map_box_selection_shows_the_images(page, app):
     page.mouse.move(area["x"] + area["width"] - 2, area["y"] + area["height"] - 2, steps=12)
     page.mouse.up()
     page.get_by_text(re.compile(r"200 point\(s\) selected; the first 12 are shown")).wait_for()
+    # The caption comes first; each thumbnail and its link follow in the same run, made on first use.
+    links = page.get_by_role("link", name=re.compile(r"Open #\d+"))
+    links.nth(11).wait_for()
     settle(page)
-    assert page.get_by_role("link", name=re.compile(r"Open #\d+")).count() == 12
+    assert links.count() == 12
     clean(page)
 
 
