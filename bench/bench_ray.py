@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from bench.bench_extraction import demo_subset
-from bench.machine import cpu_name, write_result
+from bench.machine import cpu_name, timed, write_result
 from core.cache import EmbeddingCache
 from core.extract import DEFAULT_SHARD_SIZE, extract_embeddings
 from core.metrics import per_query_scores
@@ -37,12 +37,6 @@ from core.ray_executor import connect, extract_on_ray, ray_module, scores_on_ray
 from core.workspace import Workspace
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def timed(work) -> tuple[object, float]:
-    started = time.perf_counter()
-    out = work()
-    return out, time.perf_counter() - started
 
 
 def main(argv=None) -> dict:

@@ -17,21 +17,14 @@ import argparse
 import datetime
 import os
 import platform
-import time
 
 import numpy as np
 import torch
 
-from bench.machine import cpu_name, write_result
+from bench.machine import cpu_name, timed, write_result
 from bench.synthetic_study import DIMS, embeddings
 from core.metrics import METRIC_KEYS
 from core.sweep import DENSE_VECTORS_PER_MODEL, WeightedConcatScorer, WeightGrid, score_once
-
-
-def timed(fn) -> tuple[object, float]:
-    t0 = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - t0
 
 
 def run_case(embs: list[np.ndarray], labels: np.ndarray, weights: np.ndarray, k: int) -> dict:

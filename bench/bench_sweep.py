@@ -32,12 +32,11 @@ import itertools
 import json
 import os
 import platform
-import time
 
 import numpy as np
 import torch
 
-from bench.machine import write_result
+from bench.machine import timed, write_result
 from core.devices import resolve_device
 from core.fusion import weighted_concat
 from core.metrics import METRIC_KEYS, PER_QUERY, evaluate, relevant_counts, scores_from_relevance
@@ -114,12 +113,6 @@ def float64_metrics(embeddings, labels, weights_list, k: int, device: str) -> li
 
 def max_diff(got: list[dict], want: list[dict]) -> float:
     return max(abs(g[key] - w[key]) for g, w in zip(got, want) for key in METRIC_KEYS)
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - t0
 
 
 def run_case(kind: str, n: int, args, device: str) -> dict:

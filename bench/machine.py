@@ -1,8 +1,9 @@
-"""What every benchmark records about the machine it ran on, and how it writes its JSON."""
+"""What every benchmark records about the machine it ran on, how it times a call, and how it writes its JSON."""
 from __future__ import annotations
 
 import json
 import platform
+import time
 from pathlib import Path
 
 from core.files import atomic_write_text
@@ -18,6 +19,13 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def timed(fn) -> tuple[object, float]:
+    """fn()'s value and the wall-clock seconds it took."""
+    t0 = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - t0
 
 
 def write_result(result: dict, path: str | Path, summary: str | None = None, text: str | None = None) -> Path:

@@ -266,9 +266,10 @@ class _ProbeCache:
     """The probes of one dataset's readable files, kept in the workspace (`folder`, None: kept nowhere) so
     that opening it again reads no file whose stat is unchanged: at 60,000 small JPEGs an open took 8.6 s
     on 2 cores, 2.2 s with the probes kept (bench/RESULTS.md), and a study opens its dataset once per job
-    and once per dashboard process. Unchanged means the same size, mtime, ctime, inode and device, as git's index trusts (the
-    fingerprint itself trusts size and mtime); ctime cannot be set back, so a file rewritten with its mtime
-    restored is probed again. Unreadable files are not kept: they are probed every time."""
+    and once per dashboard process. Unchanged means the same size, mtime, ctime, inode and device, as
+    git's index trusts (the fingerprint itself trusts size and mtime); ctime cannot be set back, so a file
+    rewritten with its mtime restored is probed again. Unreadable files are not kept: they are probed
+    every time."""
 
     def __init__(self, folder: Path | None, where: str):
         self.path = folder / f"{hashlib.sha256(where.encode()).hexdigest()[:32]}.json" if folder else None
@@ -434,7 +435,8 @@ def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def open_image_folder(root, *, limit_per_class: int | None = None, seed: int = 0, probes: Path | None = None) -> ImageSet:
+def open_image_folder(root, *, limit_per_class: int | None = None, seed: int = 0,
+                      probes: Path | None = None) -> ImageSet:
     """`root/<class>/<image>`; or `root/{train,eval|val|test}/<class>/<image>` for explicit splits. `probes`:
     a folder that keeps what was learned of each file, so the next open reads only changed files."""
     root = Path(root).expanduser()
@@ -462,7 +464,8 @@ def open_image_folder(root, *, limit_per_class: int | None = None, seed: int = 0
                   where=f"image folder {root}", probes=probes)
 
 
-def open_manifest(csv_path, *, limit_per_class: int | None = None, seed: int = 0, probes: Path | None = None) -> ImageSet:
+def open_manifest(csv_path, *, limit_per_class: int | None = None, seed: int = 0,
+                  probes: Path | None = None) -> ImageSet:
     """CSV with a header `path,label[,split]`; relative paths are relative to the CSV's folder; split defaults
     to eval. `probes` as in open_image_folder."""
     csv_path = Path(csv_path).expanduser()
